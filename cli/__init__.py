@@ -1,0 +1,1 @@
+"""The ``archipel`` command line. Built by the RPC/CLI issue."""

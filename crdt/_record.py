@@ -1,0 +1,93 @@
+"""The extension point for record kinds.
+
+A record kind is one module holding one :class:`Record` subclass: the op kinds
+it owns, how it validates them, how it folds them into its state, and its
+queries. Adding a record kind is adding such a module and listing its class in
+:data:`archipel.crdt.DEFAULT_RECORDS` (or passing it to the replica).
+
+Contract for subclasses (the convergence tests check it):
+
+- ``validate`` is a pure function of the op and its causal past. The record's
+  state may hold effects of ops concurrent with the op being validated (they
+  were applied first on this replica, perhaps not on others); a rule that looks
+  at state must only count entries whose op :meth:`OpGraph.precedes` this one.
+- ``apply`` is called once per op, in an order that respects causality but
+  otherwise varies between replicas; the state it builds must not depend on
+  the order of concurrent ops (concurrent applies commute). Ordering decisions
+  (who got the last unit, which seal counts) belong in queries, computed from
+  the whole set with a fixed tie-break.
+- queries that depend on time take ``now_ms``; nothing reads a clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+from ._canonical import Value
+from ._errors import RuleViolation
+from ._op import Op
+
+if TYPE_CHECKING:
+    from ._graph import OpGraph
+    from ._replica import Replica
+
+
+class Record(ABC):
+    """Base of every record kind. One instance per replica holds its state."""
+
+    op_kinds: ClassVar[tuple[str, ...]]
+    """The op kinds this record owns; each op kind has exactly one owner."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    @property
+    def graph(self) -> OpGraph:
+        return self.replica.graph
+
+    @abstractmethod
+    def validate(self, op: Op) -> None:
+        """Raise :class:`RuleViolation` if ``op`` is not allowed by its causal past."""
+
+    @abstractmethod
+    def apply(self, op: Op) -> None:
+        """Fold a validated op into this record's state."""
+
+
+# -- helpers for parsing op bodies into typed values ------------------------
+
+
+def field_str(
+    body: Mapping[str, Value], name: str, *, min_len: int = 0, max_len: int = 4096
+) -> str:
+    """The str field ``name`` of ``body``, of ``min_len`` to ``max_len`` characters."""
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise RuleViolation(f"field {name!r} must be a string")
+    if not min_len <= len(value) <= max_len:
+        raise RuleViolation(f"field {name!r} must be {min_len} to {max_len} characters long")
+    return value
+
+
+def field_keys(body: Mapping[str, Value], name: str, *, max_count: int = 256) -> tuple[bytes, ...]:
+    """The field ``name``: a non-empty, sorted array of distinct 32-byte public keys."""
+    value = body.get(name)
+    if not isinstance(value, tuple) or not 1 <= len(value) <= max_count:
+        raise RuleViolation(f"field {name!r} must be an array of 1 to {max_count} keys")
+    previous = b""
+    for key in value:
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise RuleViolation(f"field {name!r} must hold 32-byte public keys")
+        if key <= previous:
+            raise RuleViolation(f"field {name!r} must be sorted without repeats")
+        previous = key
+    return value
+
+
+def only_fields(body: Mapping[str, Value], allowed: frozenset[str]) -> None:
+    """Refuse fields the kind does not define: a typo must not pass silently."""
+    extra = set(body) - allowed
+    if extra:
+        raise RuleViolation(f"unknown field(s): {', '.join(sorted(extra))}")

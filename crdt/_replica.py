@@ -1,0 +1,158 @@
+"""A replica: one node's copy of a federation, its op graph plus record state.
+
+The daemon and the simulator both drive this object. It is pure: the caller
+passes ``now_ms`` and signing keys, and gets back what was applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+import nacl.signing
+
+from ._canonical import DEFAULT_LIMITS, Limits, Value
+from ._errors import RuleViolation
+from ._graph import DEFAULT_GRAPH_LIMITS, AddResult, GraphLimits, OpGraph
+from ._hlc import HybridClock, ts_from_ms
+from ._op import Op, decode_op, sign_op
+from ._record import Record
+from .genesis import Genesis, make_genesis
+from .note import Notes
+
+R = TypeVar("R", bound=Record)
+
+DEFAULT_RECORDS: tuple[type[Record], ...] = (Genesis, Notes)
+"""The record kinds every replica runs."""
+
+
+class Replica:
+    """One node's state of one federation."""
+
+    def __init__(
+        self,
+        federation: bytes,
+        *,
+        records: Iterable[type[Record]] = DEFAULT_RECORDS,
+        limits: Limits = DEFAULT_LIMITS,
+        graph_limits: GraphLimits = DEFAULT_GRAPH_LIMITS,
+    ) -> None:
+        self.limits = limits
+        self.graph = OpGraph(federation, graph_limits)
+        self.clock = HybridClock()
+        self._records: dict[type[Record], Record] = {}
+        self._owners: dict[str, Record] = {}
+        for cls in records:
+            record = cls(self)
+            self._records[cls] = record
+            for kind in cls.op_kinds:
+                if kind in self._owners:
+                    raise ValueError(f"op kind {kind!r} has two records")
+                self._owners[kind] = record
+
+    @property
+    def federation(self) -> bytes:
+        return self.graph.federation
+
+    def record(self, cls: type[R]) -> R:
+        """This replica's instance of a record kind, for its queries."""
+        record = self._records[cls]
+        assert isinstance(record, cls)
+        return record
+
+    # -- taking ops ---------------------------------------------------------
+
+    def receive(self, op: Op, now_ms: int) -> AddResult:
+        """Take an op from anywhere. Raises :class:`InvalidOp` if it is refused
+        (nothing changes) or :class:`CapacityError` if it cannot wait."""
+        self.clock.observe(op.ts)
+        return self.graph.add(op, now_ms, self)
+
+    def receive_bytes(
+        self, data: bytes, now_ms: int, expected_id: bytes | None = None
+    ) -> AddResult:
+        """Decode, authenticate and take op bytes (from the wire or the disk)."""
+        return self.receive(decode_op(data, expected_id=expected_id, limits=self.limits), now_ms)
+
+    def tick(self, now_ms: int) -> AddResult:
+        """Release held ops whose time has come; call at :meth:`next_deadline_ms`."""
+        return self.graph.release_due(now_ms, self)
+
+    def next_deadline_ms(self) -> int | None:
+        return self.graph.next_release_ms()
+
+    def author(
+        self, key: nacl.signing.SigningKey, kind: str, body: Mapping[str, Value], now_ms: int
+    ) -> Op:
+        """Sign a new op on top of everything this replica holds, and apply it.
+
+        Raises :class:`InvalidOp` (nothing changes) if the op is not allowed.
+        """
+        author = bytes(key.verify_key)
+        own = self.graph.author_head(author)
+        # Newest heads first; with more heads than a single op may name, the
+        # rest stay heads and are named by the next op.
+        heads = sorted((self.graph[h] for h in self.graph.heads()), key=_newest_first)
+        deps = heads[: self.limits.max_deps]
+        if own is not None and own not in deps:
+            deps = [*deps[: self.limits.max_deps - 1], own]
+        if not deps:
+            raise RuleViolation("this replica holds no genesis yet: nothing to build on")
+        after = max(op.ts for op in deps)
+        op = sign_op(
+            key,
+            federation=self.federation,
+            seq=own.seq + 1 if own is not None else 1,
+            deps=[op.id for op in deps],
+            ts=self.clock.tick(now_ms, after),
+            kind=kind,
+            body=body,
+            limits=self.limits,
+        )
+        self.receive(op, now_ms)
+        return op
+
+    # -- Admission, called by the graph -------------------------------------
+
+    def check(self, op: Op) -> None:
+        record = self._owners.get(op.kind)
+        if record is None:
+            raise RuleViolation(f"unknown op kind {op.kind!r}", op_id=op.id)
+        if not op.deps and not isinstance(record, Genesis):
+            raise RuleViolation("only the genesis may have no deps", op_id=op.id)
+        try:
+            record.validate(op)
+        except RuleViolation as exc:
+            if exc.op_id is None:
+                raise RuleViolation(exc.reason, op_id=op.id) from None
+            raise
+
+    def apply(self, op: Op) -> None:
+        self._owners[op.kind].apply(op)
+
+    # -- queries ------------------------------------------------------------
+
+    def state_hash(self) -> bytes:
+        return self.graph.state_hash()
+
+    def heads(self) -> frozenset[bytes]:
+        return self.graph.heads()
+
+
+def _newest_first(op: Op) -> tuple[int, bytes]:
+    return (-op.ts, op.id)
+
+
+def found_federation(
+    key: nacl.signing.SigningKey,
+    name: str,
+    founders: Iterable[bytes],
+    now_ms: int,
+    *,
+    records: Iterable[type[Record]] = DEFAULT_RECORDS,
+) -> tuple[Replica, Op]:
+    """Create a new federation: its genesis op and a replica holding it."""
+    genesis = make_genesis(key, name=name, founders=tuple(founders), ts=ts_from_ms(now_ms))
+    replica = Replica(genesis.federation, records=records)
+    replica.receive(genesis, now_ms)
+    return replica, genesis
