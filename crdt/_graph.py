@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -266,9 +267,9 @@ class OpGraph:
         """Apply every pending op that ``first`` completes, transitively."""
         applied: list[Op] = []
         rejected: list[Rejection] = []
-        queue = self._pending.satisfied_by(first.id)
+        queue = deque(self._pending.satisfied_by(first.id))
         while queue:
-            op = queue.pop(0)
+            op = queue.popleft()
             try:
                 self._admit(op, admission)
             except InvalidOp as exc:
