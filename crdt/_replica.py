@@ -64,8 +64,12 @@ class Replica:
 
     def receive(self, op: Op, now_ms: int) -> AddResult:
         """Take an op from anywhere. Raises :class:`InvalidOp` if it is refused
-        (nothing changes) or :class:`CapacityError` if it cannot wait."""
-        self.clock.observe(op.ts)
+        (nothing changes) or :class:`CapacityError` if it cannot wait.
+
+        The clock does not observe received timestamps: a held or refused op
+        dated far ahead must not drag this node's own timestamps into the
+        future. :meth:`author` builds on the newest applied dep instead.
+        """
         return self.graph.add(op, now_ms, self)
 
     def receive_bytes(

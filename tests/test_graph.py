@@ -281,3 +281,18 @@ def test_causal_queries() -> None:
         assert all(order.index(dep) < order.index(op.id) for dep in op.deps)
     assert graph.author_head(pub(1)) == c
     assert graph.author_head(pub(9)) is None
+
+
+def test_a_far_future_op_does_not_drag_our_clock_along() -> None:
+    """An op dated years ahead is held; ops we author meanwhile keep our time,
+    so peers do not hold them in turn."""
+    _, genesis = federation()
+    replica = Replica(genesis.federation)
+    replica.receive(genesis, T0)
+    year_3000 = raw_op(1, genesis, seq=1, deps=[genesis.id], ts=ts_from_ms(32_503_680_000_000))
+    assert replica.receive(year_3000, T0).status is Status.HELD
+    # Refused (not a member), dated 50 s ahead: within the skew, so judged now.
+    with pytest.raises(RuleViolation):
+        replica.receive(raw_op(9, genesis, seq=1, deps=[genesis.id], ts=ms(50_000)), T0)
+    mine = replica.author(key(2), "note", {"text": "still today"}, T0 + 5)
+    assert mine.ts == ts_from_ms(T0 + 5)
