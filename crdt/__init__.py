@@ -33,23 +33,28 @@ from ._hlc import HybridClock, ts_from_ms, ts_ms
 from ._op import FORMAT_VERSION, OP_SIGNING_DOMAIN, Op, decode_op, op_id, sign_op
 from ._record import Record
 from ._replica import DEFAULT_RECORDS, Replica, found_federation
-from .genesis import Federation, Genesis, federation_id, make_genesis
+from .authority import DEVICE, MEMBER, Authority, Cell, Grant
+from .genesis import Federation, Params, cell_id, federation_id, make_genesis
 from .note import Note, Notes
 
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_RECORDS",
+    "DEVICE",
     "FORMAT_VERSION",
+    "MEMBER",
     "OP_SIGNING_DOMAIN",
     "AddResult",
     "Admission",
     "ArchipelError",
+    "Authority",
     "BadSignature",
     "CapacityError",
     "CausalityViolation",
+    "Cell",
     "Equivocation",
     "Federation",
-    "Genesis",
+    "Grant",
     "GraphLimits",
     "HeldSetFull",
     "HybridClock",
@@ -63,6 +68,7 @@ __all__ = [
     "Notes",
     "Op",
     "OpGraph",
+    "Params",
     "PendingSetFull",
     "Record",
     "Rejection",
@@ -70,6 +76,7 @@ __all__ = [
     "RuleViolation",
     "Status",
     "Value",
+    "cell_id",
     "decode",
     "decode_op",
     "encode",

@@ -380,15 +380,20 @@ class OpGraph:
                 stack.extend(self._ops[dep].deps)
         return frozenset(seen)
 
-    def precedes(self, earlier: bytes, later: bytes) -> bool:
-        """Whether ``earlier`` is in the causal past of ``later`` (both applied).
+    def precedes(self, earlier: bytes, later: bytes | Op) -> bool:
+        """Whether ``earlier`` (applied) is in the causal past of ``later``.
 
-        Timestamps strictly increase along deps, so the search skips every op
-        older than ``earlier``: cost is bounded by the ops between the two.
+        ``later`` is an applied op's id, or an op whose deps are all applied
+        (one being validated). Timestamps strictly increase along deps, so the
+        search skips every op older than ``earlier``: its cost is bounded by the
+        ops between the two.
         """
         target = self._ops[earlier]
+        deps = later.deps if isinstance(later, Op) else self._ops[later].deps
+        if earlier in deps:
+            return True
         seen: set[bytes] = set()
-        stack = list(self._ops[later].deps)
+        stack = list(deps)
         while stack:
             dep = stack.pop()
             if dep == earlier:
@@ -400,6 +405,13 @@ class OpGraph:
             if op.ts > target.ts:
                 stack.extend(op.deps)
         return False
+
+    def in_view(self, op_id: bytes, view: Op | None) -> bool:
+        """Whether applied op ``op_id`` is visible from ``view``: in its causal past
+        or the view itself; with no view, every applied op is visible."""
+        if view is None:
+            return op_id in self._ops
+        return op_id == view.id or self.precedes(op_id, view)
 
     def concurrent(self, a: bytes, b: bytes) -> bool:
         """Whether neither op is in the other's causal past."""

@@ -40,6 +40,11 @@ class Record(ABC):
     op_kinds: ClassVar[tuple[str, ...]]
     """The op kinds this record owns; each op kind has exactly one owner."""
 
+    ref_fields: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    """Per op kind, the body fields that hold ids of other ops. Every such id
+    must be among the op's deps (so "is it in the causal past" is O(1)); the
+    replica checks it before ``validate`` and adds them when authoring."""
+
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
 
@@ -71,11 +76,13 @@ def field_str(
     return value
 
 
-def field_keys(body: Mapping[str, Value], name: str, *, max_count: int = 256) -> tuple[bytes, ...]:
-    """The field ``name``: a non-empty, sorted array of distinct 32-byte public keys."""
+def field_keys(
+    body: Mapping[str, Value], name: str, *, min_count: int = 1, max_count: int = 256
+) -> tuple[bytes, ...]:
+    """The field ``name``: a sorted array of distinct 32-byte public keys."""
     value = body.get(name)
-    if not isinstance(value, tuple) or not 1 <= len(value) <= max_count:
-        raise RuleViolation(f"field {name!r} must be an array of 1 to {max_count} keys")
+    if not isinstance(value, tuple) or not min_count <= len(value) <= max_count:
+        raise RuleViolation(f"field {name!r} must be an array of {min_count} to {max_count} keys")
     previous = b""
     for key in value:
         if not isinstance(key, bytes) or len(key) != 32:
@@ -91,3 +98,54 @@ def only_fields(body: Mapping[str, Value], allowed: frozenset[str]) -> None:
     extra = set(body) - allowed
     if extra:
         raise RuleViolation(f"unknown field(s): {', '.join(sorted(extra))}")
+
+
+def field_int(
+    body: Mapping[str, Value], name: str, low: int, high: int, *, default: int | None = None
+) -> int:
+    """The integer field ``name``, from ``low`` to ``high``; ``default`` if absent
+    (and a default is given)."""
+    if name not in body and default is not None:
+        return default
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RuleViolation(f"field {name!r} must be an integer")
+    if not low <= value <= high:
+        raise RuleViolation(f"field {name!r} must be from {low} to {high}, not {value}")
+    return value
+
+
+def field_bytes(body: Mapping[str, Value], name: str, size: int = 32) -> bytes:
+    """The field ``name``: exactly ``size`` bytes (an op id, a cell id, a key)."""
+    value = body.get(name)
+    if not isinstance(value, bytes) or len(value) != size:
+        raise RuleViolation(f"field {name!r} must be {size} bytes")
+    return value
+
+
+def field_map(body: Mapping[str, Value], name: str) -> Mapping[str, Value]:
+    value = body.get(name)
+    if not isinstance(value, dict):
+        raise RuleViolation(f"field {name!r} must be a map")
+    return value
+
+
+def field_choice(body: Mapping[str, Value], name: str, choices: tuple[str, ...]) -> str:
+    value = body.get(name)
+    if value not in choices:
+        raise RuleViolation(f"field {name!r} must be one of {', '.join(choices)}")
+    assert isinstance(value, str)
+    return value
+
+
+def field_strs(
+    body: Mapping[str, Value], name: str, *, min_count: int, max_count: int, max_len: int = 200
+) -> tuple[str, ...]:
+    """The field ``name``: an array of non-empty strings."""
+    value = body.get(name)
+    if not isinstance(value, tuple) or not min_count <= len(value) <= max_count:
+        raise RuleViolation(f"field {name!r} must be an array of {min_count} to {max_count} items")
+    for item in value:
+        if not isinstance(item, str) or not 1 <= len(item) <= max_len:
+            raise RuleViolation(f"field {name!r} must hold strings of 1 to {max_len} characters")
+    return value

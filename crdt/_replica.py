@@ -6,7 +6,7 @@ passes ``now_ms`` and signing keys, and gets back what was applied.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import nacl.signing
@@ -17,12 +17,14 @@ from ._graph import DEFAULT_GRAPH_LIMITS, AddResult, GraphLimits, OpGraph
 from ._hlc import HybridClock, ts_from_ms
 from ._op import Op, decode_op, sign_op
 from ._record import Record
-from .genesis import Genesis, make_genesis
+from .authority import Authority
+from .genesis import KIND as GENESIS
+from .genesis import Params, make_genesis
 from .note import Notes
 
 R = TypeVar("R", bound=Record)
 
-DEFAULT_RECORDS: tuple[type[Record], ...] = (Genesis, Notes)
+DEFAULT_RECORDS: tuple[type[Record], ...] = (Authority, Notes)
 """The record kinds every replica runs."""
 
 
@@ -53,6 +55,10 @@ class Replica:
     @property
     def federation(self) -> bytes:
         return self.graph.federation
+
+    @property
+    def authority(self) -> Authority:
+        return self.record(Authority)
 
     def record(self, cls: type[R]) -> R:
         """This replica's instance of a record kind, for its queries."""
@@ -102,6 +108,12 @@ class Replica:
             deps = [*deps[: self.limits.max_deps - 1], own]
         if not deps:
             raise RuleViolation("this replica holds no genesis yet: nothing to build on")
+        # Ops the body refers to must be deps (see Record.ref_fields).
+        record = self._owners.get(kind)
+        for name in record.ref_fields.get(kind, ()) if record is not None else ():
+            ref = body.get(name)
+            if isinstance(ref, bytes) and ref in self.graph and ref not in (d.id for d in deps):
+                deps.append(self.graph[ref])
         after = max(op.ts for op in deps)
         op = sign_op(
             key,
@@ -122,9 +134,15 @@ class Replica:
         record = self._owners.get(op.kind)
         if record is None:
             raise RuleViolation(f"unknown op kind {op.kind!r}", op_id=op.id)
-        if not op.deps and not isinstance(record, Genesis):
-            raise RuleViolation("only the genesis may have no deps", op_id=op.id)
         try:
+            if not op.deps and op.kind != GENESIS:
+                raise RuleViolation("only the genesis may have no deps")
+            for name in record.ref_fields.get(op.kind, ()):
+                ref = op.body.get(name)
+                if name in op.body and (not isinstance(ref, bytes) or ref not in op.deps):
+                    raise RuleViolation(f"field {name!r} must name an op among the deps")
+            if op.kind != GENESIS:
+                self.authority.check_author(op)
             record.validate(op)
         except RuleViolation as exc:
             if exc.op_id is None:
@@ -150,13 +168,18 @@ def _newest_first(op: Op) -> tuple[int, bytes]:
 def found_federation(
     key: nacl.signing.SigningKey,
     name: str,
-    founders: Iterable[bytes],
+    cells: Sequence[Mapping[str, Value]],
     now_ms: int,
     *,
+    params: Params | None = None,
     records: Iterable[type[Record]] = DEFAULT_RECORDS,
 ) -> tuple[Replica, Op]:
-    """Create a new federation: its genesis op and a replica holding it."""
-    genesis = make_genesis(key, name=name, founders=tuple(founders), ts=ts_from_ms(now_ms))
+    """Create a new federation: its genesis op and a replica holding it.
+
+    ``cells`` are the founding cells: maps with ``name``, ``members`` and
+    optionally ``devices`` (public keys). ``key`` must be one of those keys.
+    """
+    genesis = make_genesis(key, name=name, cells=cells, ts=ts_from_ms(now_ms), params=params)
     replica = Replica(genesis.federation, records=records)
     replica.receive(genesis, now_ms)
     return replica, genesis

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import nacl.signing
 
-from archipel.crdt import Op, Replica, found_federation, sign_op, ts_from_ms
+from archipel.crdt import Op, Params, Replica, cell_id, found_federation, sign_op, ts_from_ms
 
 T0 = 1_750_000_000_000  # a fixed "now" in ms, so tests never read a clock
 
@@ -22,8 +22,41 @@ def pub(n: int) -> bytes:
 
 
 def federation(members: int = 3, now_ms: int = T0) -> tuple[Replica, Op]:
-    """A new federation founded by key(0), with key(0)..key(members-1) as founders."""
-    return found_federation(key(0), "Test federation", [pub(i) for i in range(members)], now_ms)
+    """A new federation founded by key(0): one cell whose members are key(0)..key(members-1)."""
+    cell = {"name": "Founders", "members": [pub(i) for i in range(members)]}
+    return found_federation(key(0), "Test federation", [cell], now_ms)
+
+
+# Three founding cells: North (members key 10, 11; device 19), South (20, 21;
+# 29) and East (30, 31; 39). Admission needs the backing of 2 cells.
+CELLS = ("North", "South", "East")
+
+
+def member(cell: int, n: int = 1) -> int:
+    """Key number of member ``n`` (1 or 2) of cell ``cell`` (0 North, 1 South, 2 East)."""
+    return 10 * (cell + 1) + n
+
+
+def device(cell: int) -> int:
+    return 10 * (cell + 1) + 9
+
+
+def cells_federation(now_ms: int = T0, **params: int) -> tuple[Replica, Op]:
+    """The three-cell federation, founded by North's first member."""
+    cells = [
+        {
+            "name": name,
+            "members": [pub(member(i, 1)), pub(member(i, 2))],
+            "devices": [pub(device(i))],
+        }
+        for i, name in enumerate(CELLS)
+    ]
+    return found_federation(key(member(0)), "River cells", cells, now_ms, params=Params(**params))
+
+
+def cell(genesis: Op, index: int) -> bytes:
+    """The id of founding cell ``index`` of ``genesis``."""
+    return cell_id(genesis.id, index)
 
 
 def raw_op(

@@ -68,7 +68,7 @@ def deliver(history: History, order: list[Op], via_bytes: bool) -> Replica:
 @given(data=st.data(), history=histories())
 def test_any_order_with_duplicates_gives_one_state(data: st.DataObject, history: History) -> None:
     reference = deliver(history, sorted(history.ops, key=lambda op: (op.ts, op.id)), False)
-    assert len(reference.graph) == len(history.ops)
+    assert len(reference.graph) == len(set(history.ops))  # a reset can re-sign an identical op
     assert reference.graph.pending_count() == 0
     for via_bytes in (False, True):
         duplicates = data.draw(st.lists(st.sampled_from(history.ops), max_size=10))

@@ -151,7 +151,7 @@ def test_an_author_must_chain_their_own_ops() -> None:
 
 
 def test_ops_of_another_federation_are_rejected() -> None:
-    _, other = found_federation(key(5), "Elsewhere", [], T0)
+    _, other = found_federation(key(5), "Elsewhere", [{"name": "Solo", "members": [pub(5)]}], T0)
     replica = fresh()
     with pytest.raises(CausalityViolation, match="another federation"):
         replica.receive(other, T0)
@@ -162,14 +162,22 @@ def test_only_the_federations_own_genesis_is_a_root() -> None:
     replica = fresh()
     replica.receive(genesis, T0)
     # A second genesis carrying this federation's id, by someone else.
-    impostor = raw_op(2, genesis, seq=1, deps=[], ts=genesis.ts, kind="genesis",
-                      body={"name": "Mine now", "founders": (pub(2),)})  # fmt: skip
+    impostor = raw_op(
+        2,
+        genesis,
+        seq=1,
+        deps=[],
+        ts=genesis.ts,
+        kind="genesis",
+        body={"name": "Mine now", "cells": ({"members": (pub(2),), "name": "X"},)},
+    )
     with pytest.raises(RuleViolation, match="does not found this federation"):
         replica.receive(impostor, T0)
     with pytest.raises(RuleViolation, match="only the genesis"):
         replica.receive(raw_op(1, genesis, seq=1, deps=[], ts=ms(1)), T0)
     # The genesis of a federation of the same name is a different federation.
-    again = make_genesis(key(0), name="Test federation", founders=[pub(1)], ts=ts_from_ms(T0 + 1))
+    cells = [{"name": "Founders", "members": [pub(0), pub(1)]}]
+    again = make_genesis(key(0), name="Test federation", cells=cells, ts=ts_from_ms(T0 + 1))
     assert again.federation != genesis.federation
 
 
@@ -178,7 +186,7 @@ def test_kind_rules_apply() -> None:
     replica = fresh(genesis)
     replica.receive(genesis, T0)
     cases = [
-        (raw_op(9, genesis, seq=1, deps=[genesis.id], ts=ms(1)), "not a member"),
+        (raw_op(9, genesis, seq=1, deps=[genesis.id], ts=ms(1)), "not authorised"),
         (raw_op(1, genesis, seq=1, deps=[genesis.id], ts=ms(1), kind="vote"), "unknown op kind"),
         (raw_op(1, genesis, seq=1, deps=[genesis.id], ts=ms(1), body={}), "'text'"),
         (raw_op(1, genesis, seq=1, deps=[genesis.id], ts=ms(1), body={"text": ""}), "'text'"),

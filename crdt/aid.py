@@ -1,0 +1,1 @@
+"""Record kind: aid (being written)."""

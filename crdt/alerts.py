@@ -1,0 +1,1 @@
+"""Record kind: alerts (being written)."""

@@ -1,0 +1,1 @@
+"""Record kind: councils (being written)."""

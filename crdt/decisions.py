@@ -1,0 +1,1 @@
+"""Record kind: decisions (being written)."""

@@ -1,0 +1,1 @@
+"""Record kind: ledger (being written)."""

@@ -1,0 +1,1 @@
+"""Record kind: lots (being written)."""

@@ -1,0 +1,1 @@
+"""Record kind: mandates (being written)."""

@@ -1,0 +1,1 @@
+"""Record kind: pulse (being written)."""
