@@ -7,7 +7,17 @@ from collections.abc import Sequence
 
 import nacl.signing
 
-from archipel.crdt import Op, Params, Replica, cell_id, found_federation, sign_op, ts_from_ms
+from archipel.crdt import (
+    DEFAULT_RECORDS,
+    Op,
+    Params,
+    Record,
+    Replica,
+    cell_id,
+    found_federation,
+    sign_op,
+    ts_from_ms,
+)
 
 T0 = 1_750_000_000_000  # a fixed "now" in ms, so tests never read a clock
 
@@ -41,8 +51,10 @@ def device(cell: int) -> int:
     return 10 * (cell + 1) + 9
 
 
-def cells_federation(now_ms: int = T0, **params: int) -> tuple[Replica, Op]:
-    """The three-cell federation, founded by North's first member."""
+def cells_federation(
+    now_ms: int = T0, records: Sequence[type[Record]] = DEFAULT_RECORDS, **params: int
+) -> tuple[Replica, Op]:
+    """The three-cell federation, founded by North's first member, running ``records``."""
     cells = [
         {
             "name": name,
@@ -51,7 +63,9 @@ def cells_federation(now_ms: int = T0, **params: int) -> tuple[Replica, Op]:
         }
         for i, name in enumerate(CELLS)
     ]
-    return found_federation(key(member(0)), "River cells", cells, now_ms, params=Params(**params))
+    return found_federation(
+        key(member(0)), "River cells", cells, now_ms, params=Params(**params), records=records
+    )
 
 
 def cell(genesis: Op, index: int) -> bytes:
