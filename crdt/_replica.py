@@ -12,19 +12,21 @@ from typing import TypeVar
 import nacl.signing
 
 from ._canonical import DEFAULT_LIMITS, Limits, Value
-from ._errors import RuleViolation
+from ._errors import CausalityViolation, RuleViolation
 from ._graph import DEFAULT_GRAPH_LIMITS, AddResult, GraphLimits, OpGraph
-from ._hlc import HybridClock, ts_from_ms
+from ._hlc import HybridClock, ts_from_ms, ts_ms
 from ._op import Op, decode_op, sign_op
 from ._record import Record
 from .authority import Authority
+from .decisions import Decisions
 from .genesis import KIND as GENESIS
 from .genesis import Params, make_genesis
 from .note import Notes
+from .pulse import Pulse
 
 R = TypeVar("R", bound=Record)
 
-DEFAULT_RECORDS: tuple[type[Record], ...] = (Authority, Notes)
+DEFAULT_RECORDS: tuple[type[Record], ...] = (Authority, Decisions, Notes, Pulse)
 """The record kinds every replica runs."""
 
 
@@ -44,7 +46,7 @@ class Replica:
         self.clock = HybridClock()
         self._records: dict[type[Record], Record] = {}
         self._owners: dict[str, Record] = {}
-        for cls in records:
+        for cls in dict.fromkeys(records):  # a class listed twice runs once
             record = cls(self)
             self._records[cls] = record
             for kind in cls.op_kinds:
@@ -59,6 +61,11 @@ class Replica:
     @property
     def authority(self) -> Authority:
         return self.record(Authority)
+
+    @property
+    def record_classes(self) -> tuple[type[Record], ...]:
+        """The record kinds this replica runs (to build another like it)."""
+        return tuple(self._records)
 
     def record(self, cls: type[R]) -> R:
         """This replica's instance of a record kind, for its queries."""
@@ -114,13 +121,18 @@ class Replica:
             ref = body.get(name)
             if isinstance(ref, bytes) and ref in self.graph and ref not in (d.id for d in deps):
                 deps.append(self.graph[ref])
-        after = max(op.ts for op in deps)
+        ts = self.clock.tick(now_ms, max(op.ts for op in deps))
+        if ts_ms(ts) > now_ms + self.graph.limits.max_skew_ms:
+            raise CausalityViolation(
+                f"this node's clock ({now_ms} ms) is behind the ops it builds on by more than"
+                f" {self.graph.limits.max_skew_ms} ms; its op would be held: check the clock"
+            )
         op = sign_op(
             key,
             federation=self.federation,
             seq=own.seq + 1 if own is not None else 1,
             deps=[op.id for op in deps],
-            ts=self.clock.tick(now_ms, after),
+            ts=ts,
             kind=kind,
             body=body,
             limits=self.limits,
@@ -151,6 +163,9 @@ class Replica:
 
     def apply(self, op: Op) -> None:
         self._owners[op.kind].apply(op)
+        pulse = self._records.get(Pulse)
+        if isinstance(pulse, Pulse):
+            pulse.observe(op)
 
     # -- queries ------------------------------------------------------------
 

@@ -1,1 +1,495 @@
-"""Record kind: decisions (being written)."""
+"""Decisions: federated micro-votes, sealed so that anyone can recount them.
+
+Theory of operation. A member opens a proposal: options, a ballot kind
+(single choice or approval), the circles that deliberate (groups of 3-5
+members, who are the eligible voters), a voting window (default 48 h) and a
+quorum. Before the first vote its author may amend or withdraw it. Members of
+its circles vote within the window, with their reasoning; a member's latest
+vote counts. After the window any member may seal it.
+
+The seal fixes the count: the tally is computed from the votes in the seal's
+causal past, so every node that holds the seal recounts the same result.
+Votes not in that cut are *late*: shown, never counted. Concurrent seals
+resolve to the one with the smallest ``(ts, id)``. A vote cast on a text that
+was amended after (the author amended concurrently with the vote) is *void*:
+the voter did not see the text being decided. Remove wins here too: the vote
+of a key revoked concurrently with it does not count, even after the seal.
+
+A proposal may carry an action; ``{"expel": cell_id}`` expels a cell when its
+sealed tally passes (yes beats no, quorum met). The authority record asks this
+module which seals expel which cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ._canonical import Value
+from ._errors import RuleViolation
+from ._hlc import ts_ms
+from ._op import Op
+from ._record import (
+    Record,
+    field_bytes,
+    field_choice,
+    field_int,
+    field_keys,
+    field_map,
+    field_str,
+    field_strs,
+    only_fields,
+)
+from .authority import MEMBER
+
+if TYPE_CHECKING:
+    from ._replica import Replica
+
+OPEN = "proposal.open"
+AMEND = "proposal.amend"
+WITHDRAW = "proposal.withdraw"
+VOTE = "vote.cast"
+SEAL = "proposal.seal"
+SINGLE = "single"
+APPROVAL = "approval"
+MIN_WINDOW_MS = 60_000
+MAX_WINDOW_MS = 30 * 24 * 3600 * 1000
+_OPEN_FIELDS = frozenset(
+    {"title", "text", "options", "ballot", "circles", "window_ms", "quorum", "action"}
+)
+_TEXT_FIELDS = ("title", "text", "options")
+
+
+@dataclass(frozen=True, slots=True)
+class Circle:
+    name: str
+    members: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """The text being decided: the proposal as opened, or as last amended."""
+
+    op: bytes
+    title: str
+    text: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    id: bytes
+    author: bytes
+    opened_ms: int
+    closes_ms: int
+    ballot: str
+    circles: tuple[Circle, ...]
+    quorum: int  # percent of eligible voters
+    expel: bytes | None  # the cell to expel, for an expulsion proposal
+    original: Version
+
+    def circle_of(self, key: bytes) -> Circle | None:
+        return next((c for c in self.circles if key in c.members), None)
+
+    @property
+    def eligible(self) -> int:
+        return sum(len(c.members) for c in self.circles)
+
+
+@dataclass(frozen=True, slots=True)
+class Ballot:
+    """One vote as counted (or not) in a tally."""
+
+    op: bytes
+    voter: bytes
+    circle: str
+    choices: tuple[int, ...]
+    reasoning: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A proposal's result. ``final`` once sealed; before that, a provisional
+    count of the votes held so far."""
+
+    proposal: bytes
+    status: str  # open | awaiting seal | sealed | withdrawn
+    final: bool
+    seal: bytes | None
+    version: Version
+    counts: tuple[int, ...]  # per option
+    circles: Mapping[str, tuple[Ballot, ...]]  # counted ballots with reasoning, per circle
+    eligible: int
+    voters: int
+    quorum_met: bool
+    winners: tuple[int, ...]  # options with the most votes (several on a tie)
+    passed: bool  # quorum met and a single winner (for expulsions: yes beats no)
+    late: tuple[bytes, ...] = ()  # votes outside the seal's cut
+    void: tuple[tuple[bytes, str], ...] = ()  # (vote, why it does not count)
+
+
+@dataclass(slots=True)
+class _Facts:
+    """Everything applied about one proposal (sets: order-independent)."""
+
+    proposal: Proposal
+    amendments: dict[bytes, Version] = field(default_factory=dict)
+    withdrawals: list[bytes] = field(default_factory=list)
+    votes: dict[bytes, Ballot] = field(default_factory=dict)
+    seals: list[bytes] = field(default_factory=list)
+
+
+class Decisions(Record):
+    """Proposals, votes and seals."""
+
+    op_kinds = (OPEN, AMEND, WITHDRAW, VOTE, SEAL)
+    ref_fields = {
+        AMEND: ("proposal",),
+        WITHDRAW: ("proposal",),
+        VOTE: ("proposal", "version"),
+        SEAL: ("proposal",),
+    }
+
+    def __init__(self, replica: Replica) -> None:
+        super().__init__(replica)
+        self._facts: dict[bytes, _Facts] = {}
+        self._cuts: dict[bytes, frozenset[bytes]] = {}  # seal -> its causal past since opening
+        self._tallying: set[bytes] = set()
+
+    # -- validation ---------------------------------------------------------
+
+    def validate(self, op: Op) -> None:
+        self.replica.authority.require_member(op)
+        if op.kind == OPEN:
+            self._parse_open(op)
+            return
+        facts = self._facts_for(op)
+        proposal = facts.proposal
+        now = ts_ms(op.ts)
+        if any(self.graph.precedes(w, op) for w in facts.withdrawals):
+            raise RuleViolation("the proposal was withdrawn")
+        if op.kind in (AMEND, WITHDRAW):
+            self._check_before_votes(op, facts)
+        elif op.kind == VOTE:
+            self._check_vote(op, facts)
+        elif op.kind == SEAL:
+            only_fields(op.body, frozenset({"proposal"}))
+            if now <= proposal.closes_ms:
+                raise RuleViolation("the voting window is still open; seal after it closes")
+            if any(self.graph.precedes(s, op) for s in facts.seals):
+                raise RuleViolation("the proposal is already sealed")
+
+    def _facts_for(self, op: Op) -> _Facts:
+        facts = self._facts.get(field_bytes(op.body, "proposal"))
+        if facts is None:
+            raise RuleViolation("field 'proposal' must name a proposal.open op")
+        return facts
+
+    def _parse_open(self, op: Op) -> Proposal:
+        body = op.body
+        only_fields(body, _OPEN_FIELDS)
+        params = self.replica.authority.params
+        window = field_int(body, "window_ms", MIN_WINDOW_MS, MAX_WINDOW_MS,
+                           default=params.vote_window_ms)  # fmt: skip
+        ballot = field_choice(body, "ballot", (SINGLE, APPROVAL))
+        options = field_strs(body, "options", min_count=2, max_count=20)
+        expel = None
+        if "action" in body:
+            action = field_map(body, "action")
+            only_fields(action, frozenset({"expel"}))
+            expel = field_bytes(action, "expel")
+            if not self.replica.authority.cell_is_live(expel, op):
+                raise RuleViolation("the cell to expel is not a live cell of the federation")
+            if options != ("yes", "no") or ballot != SINGLE:
+                raise RuleViolation("an expulsion is a single-choice ballot on ('yes', 'no')")
+        return Proposal(
+            id=op.id,
+            author=op.author,
+            opened_ms=ts_ms(op.ts),
+            closes_ms=ts_ms(op.ts) + window,
+            ballot=ballot,
+            circles=self._parse_circles(body, op),
+            quorum=field_int(body, "quorum", 0, 100, default=0),
+            expel=expel,
+            original=Version(
+                op.id,
+                field_str(body, "title", min_len=1, max_len=200),
+                field_str(body, "text", max_len=20_000) if "text" in body else "",
+                options,
+            ),
+        )
+
+    def _parse_circles(self, body: Mapping[str, Value], op: Op) -> tuple[Circle, ...]:
+        raw = body.get("circles")
+        if not isinstance(raw, tuple) or not 1 <= len(raw) <= 64:
+            raise RuleViolation("field 'circles' must be an array of 1 to 64 circles")
+        circles = []
+        authority = self.replica.authority
+        for item in raw:
+            circle = field_map({"circle": item}, "circle")
+            only_fields(circle, frozenset({"name", "members"}))
+            members = field_keys(circle, "members", min_count=3, max_count=5)
+            for key in members:
+                grant = authority.grant_in_view(key, op)
+                if grant is None or grant.role != MEMBER or authority.is_revoked(key, op):
+                    raise RuleViolation(f"circle member {key.hex()[:16]} is not a member")
+            circles.append(Circle(field_str(circle, "name", min_len=1, max_len=100), members))
+        keys = [k for c in circles for k in c.members]
+        if len(set(keys)) != len(keys) or len({c.name for c in circles}) != len(circles):
+            raise RuleViolation("circles need distinct names and a member may sit in one only")
+        return tuple(circles)
+
+    def _check_before_votes(self, op: Op, facts: _Facts) -> None:
+        if op.author != facts.proposal.author:
+            raise RuleViolation("only the proposal's author may amend or withdraw it")
+        if ts_ms(op.ts) > facts.proposal.closes_ms:
+            raise RuleViolation("the voting window has closed")
+        if any(self.graph.precedes(v, op) for v in facts.votes):
+            raise RuleViolation("votes have been cast: the proposal can no longer change")
+        if op.kind == WITHDRAW:
+            only_fields(op.body, frozenset({"proposal"}))
+            return
+        only_fields(op.body, frozenset({"proposal", *_TEXT_FIELDS}))
+        if not any(name in op.body for name in _TEXT_FIELDS):
+            raise RuleViolation("an amendment changes the title, the text or the options")
+        if "options" in op.body and facts.proposal.expel is not None:
+            raise RuleViolation("the options of an expulsion cannot change")
+        self._amended_version(op, self._version_in_view(facts, op))
+
+    def _check_vote(self, op: Op, facts: _Facts) -> None:
+        proposal = facts.proposal
+        only_fields(op.body, frozenset({"proposal", "version", "choices", "reasoning", "circle"}))
+        if ts_ms(op.ts) > proposal.closes_ms:
+            raise RuleViolation("the voting window has closed")
+        if any(self.graph.precedes(s, op) for s in facts.seals):
+            raise RuleViolation("the proposal is already sealed")
+        circle = proposal.circle_of(op.author)
+        name = field_str(op.body, "circle", min_len=1, max_len=100)
+        if circle is None or circle.name != name:
+            raise RuleViolation(f"the voter does not sit in circle {name!r} of this proposal")
+        version = self._version_in_view(facts, op)
+        if field_bytes(op.body, "version") != version.op:
+            raise RuleViolation("the vote must name the latest text of the proposal it has seen")
+        field_str(op.body, "reasoning", max_len=4000)
+        self._choices(op.body, proposal.ballot, len(version.options))
+
+    @staticmethod
+    def _choices(body: Mapping[str, Value], ballot: str, n_options: int) -> tuple[int, ...]:
+        choices = body.get("choices")
+        if not isinstance(choices, tuple) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n_options for c in choices
+        ):
+            raise RuleViolation(
+                f"field 'choices' must list option numbers from 0 to {n_options - 1}"
+            )
+        if ballot == SINGLE and len(choices) != 1:
+            raise RuleViolation("a single-choice ballot takes exactly one choice")
+        if list(choices) != sorted(set(choices)):
+            raise RuleViolation("approval choices must be sorted and distinct")
+        return choices
+
+    def _version_in_view(self, facts: _Facts, view: Op | None) -> Version:
+        """The latest amendment of the proposal visible from ``view``, or the original."""
+        visible = [(self.graph[a].ts, a) for a in facts.amendments if self.graph.in_view(a, view)]
+        return facts.amendments[max(visible)[1]] if visible else facts.proposal.original
+
+    @staticmethod
+    def _amended_version(op: Op, previous: Version) -> Version:
+        body = op.body
+        return Version(
+            op.id,
+            field_str(body, "title", min_len=1, max_len=200) if "title" in body else previous.title,
+            field_str(body, "text", max_len=20_000) if "text" in body else previous.text,
+            field_strs(body, "options", min_count=2, max_count=20)
+            if "options" in body
+            else previous.options,
+        )
+
+    # -- applying -----------------------------------------------------------
+
+    def apply(self, op: Op) -> None:
+        if op.kind == OPEN:
+            proposal = self._parse_open(op)
+            self._facts[op.id] = _Facts(proposal)
+            if proposal.expel is not None:
+                self.replica.authority.register_expulsion_proposal(
+                    proposal.expel, op.id, self.expelling_seal
+                )
+            return
+        facts = self._facts[field_bytes(op.body, "proposal")]
+        if op.kind == AMEND:
+            facts.amendments[op.id] = self._amended_version(op, self._version_in_view(facts, op))
+        elif op.kind == WITHDRAW:
+            facts.withdrawals.append(op.id)
+        elif op.kind == VOTE:
+            facts.votes[op.id] = Ballot(
+                op.id,
+                op.author,
+                field_str(op.body, "circle"),
+                self._choices(op.body, facts.proposal.ballot, 20),
+                field_str(op.body, "reasoning", max_len=4000),
+            )
+        elif op.kind == SEAL:
+            facts.seals.append(op.id)
+            self._cuts[op.id] = self.graph.past_since(op.id, self.graph[facts.proposal.id].ts)
+
+    # -- queries ------------------------------------------------------------
+
+    def proposal(self, proposal: bytes) -> Proposal | None:
+        facts = self._facts.get(proposal)
+        return facts.proposal if facts is not None else None
+
+    def proposals(self) -> list[Proposal]:
+        """Every proposal, oldest first."""
+        return sorted((f.proposal for f in self._facts.values()), key=lambda p: (p.opened_ms, p.id))
+
+    def effective_seal(self, proposal: bytes, view: Op | None = None) -> bytes | None:
+        """The seal that counts for ``proposal`` as seen from ``view``: of the
+        counted seals visible, the one with the smallest (ts, id)."""
+        facts = self._facts.get(proposal)
+        if facts is None:
+            return None
+        authority = self.replica.authority
+        seals = [
+            (self.graph[s].ts, s)
+            for s in facts.seals
+            if self.graph.in_view(s, view) and authority.counts(s, view)
+        ]
+        return min(seals)[1] if seals else None
+
+    def status(self, proposal: bytes, now_ms: int, view: Op | None = None) -> str:
+        facts = self._facts[proposal]
+        if any(self.graph.in_view(w, view) for w in facts.withdrawals):
+            return "withdrawn"
+        if self.effective_seal(proposal, view) is not None:
+            return "sealed"
+        return "open" if now_ms <= facts.proposal.closes_ms else "awaiting seal"
+
+    def open_at(self, now_ms: int) -> list[Proposal]:
+        """Proposals whose window is open at ``now_ms`` (not withdrawn or sealed)."""
+        return [
+            f.proposal
+            for f in self._facts.values()
+            if f.proposal.opened_ms <= now_ms and self.status(f.proposal.id, now_ms) == "open"
+        ]
+
+    def expelling_seal(self, proposal: bytes, view: Op | None) -> bytes | None:
+        """The seal by which ``proposal`` expels its cell, seen from ``view``.
+
+        While this is being worked out, the proposal's own expulsion does not
+        discount the votes and seals deciding it (a member of the cell to be
+        expelled may seal it); this also ends what would be endless recursion.
+        """
+        if proposal in self._tallying:
+            return None
+        self._tallying.add(proposal)
+        try:
+            seal = self.effective_seal(proposal, view)
+            if seal is None or not self._count(self._facts[proposal], None, view).passed:
+                return None
+            return seal
+        finally:
+            self._tallying.discard(proposal)
+
+    def tally(self, proposal: bytes, now_ms: int | None = None, view: Op | None = None) -> Tally:
+        """Recount ``proposal`` from the ops held (or visible from ``view``)."""
+        facts = self._facts.get(proposal)
+        if facts is None:
+            raise KeyError(proposal)
+        self._tallying.add(proposal)
+        try:
+            return self._count(facts, now_ms, view)
+        finally:
+            self._tallying.discard(proposal)
+
+    def _count(self, facts: _Facts, now_ms: int | None, view: Op | None) -> Tally:
+        proposal = facts.proposal
+        seal = self.effective_seal(proposal.id, view)
+        cut = self._cuts[seal] if seal is not None else None
+        cut_view = self.graph[seal] if seal is not None else view
+        version = self._version_in_view(facts, cut_view)
+        authority = self.replica.authority
+        late: list[bytes] = []
+        latest: dict[bytes, Op] = {}
+        for vote_id in facts.votes:
+            if not self.graph.in_view(vote_id, view):
+                continue
+            if cut is not None and vote_id not in cut:
+                late.append(vote_id)
+                continue
+            vote = self.graph[vote_id]
+            held = latest.get(vote.author)
+            if held is None or (vote.ts, vote.id) > (held.ts, held.id):
+                latest[vote.author] = vote
+        void: list[tuple[bytes, str]] = []
+        counted: list[Ballot] = []
+        for vote in latest.values():
+            if vote.body["version"] != version.op:
+                void.append((vote.id, "cast on a text amended since"))
+            elif not authority.counts(vote, view):
+                void.append((vote.id, "the voter's key or cell was removed concurrently"))
+            else:
+                counted.append(facts.votes[vote.id])
+        return self._result(
+            facts,
+            counted,
+            seal=seal,
+            version=version,
+            now_ms=now_ms,
+            view=view,
+            late=late,
+            void=void,
+        )
+
+    def _result(
+        self,
+        facts: _Facts,
+        counted: list[Ballot],
+        *,
+        seal: bytes | None,
+        version: Version,
+        now_ms: int | None,
+        view: Op | None,
+        late: list[bytes],
+        void: list[tuple[bytes, str]],
+    ) -> Tally:
+        proposal = facts.proposal
+        counts = [0] * len(version.options)
+        circles: dict[str, list[Ballot]] = {c.name: [] for c in proposal.circles}
+        for ballot in sorted(counted, key=lambda b: b.op):
+            for choice in ballot.choices:
+                counts[choice] += 1
+            circles[ballot.circle].append(ballot)
+        best = max(counts)
+        winners = tuple(i for i, c in enumerate(counts) if c == best and best > 0)
+        quorum_met = len(counted) * 100 >= proposal.quorum * proposal.eligible
+        withdrawn = any(self.graph.in_view(w, view) for w in facts.withdrawals)
+        if proposal.expel is not None:
+            passed = quorum_met and counts[0] > counts[1]
+        else:
+            passed = quorum_met and len(winners) == 1
+        if withdrawn:
+            status = "withdrawn"
+        elif seal is not None:
+            status = "sealed"
+        elif now_ms is not None and now_ms <= proposal.closes_ms:
+            status = "open"
+        else:
+            status = "awaiting seal"
+        return Tally(
+            proposal=proposal.id,
+            status=status,
+            final=seal is not None and not withdrawn,
+            seal=seal,
+            version=version,
+            counts=tuple(counts),
+            circles={name: tuple(b) for name, b in circles.items()},
+            eligible=proposal.eligible,
+            voters=len(counted),
+            quorum_met=quorum_met,
+            winners=winners,
+            passed=passed and seal is not None and not withdrawn,
+            late=tuple(sorted(late)),
+            void=tuple(sorted(void)),
+        )

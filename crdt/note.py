@@ -47,5 +47,7 @@ class Notes(Record):
         self._notes[op.id] = Note(op.id, op.author, op.ts, field_str(op.body, "text"))
 
     def all(self) -> list[Note]:
-        """Every note, oldest first (ties by id)."""
-        return sorted(self._notes.values(), key=lambda n: (n.ts, n.id))
+        """Every note that counts, oldest first (ties by id). A note by a key
+        revoked, or a cell expelled, concurrently with it does not count."""
+        counts = self.replica.authority.counts
+        return sorted((n for n in self._notes.values() if counts(n.id)), key=lambda n: (n.ts, n.id))

@@ -1,1 +1,134 @@
-"""Record kind: pulse (being written)."""
+"""Pulse: how the federation is doing, derived from the op graph.
+
+Theory of operation. Three measures, all pure functions of the ops held and
+``now_ms``:
+
+- **Divergence index**: how many proposals are open at a moment, sampled over a
+  span ("open proposals per round"). Many open proposals at once means the
+  federation is deciding more than it settles.
+- **Response time**: for an op of one cell, the delay until the first op of
+  another cell that names it as a dep (a reply that saw it). Kept per op as a
+  minimum over replies, so arrival order does not matter.
+- **Frustration log**: short entries signed by a cell's *device* key (the
+  cell's node, not a person), so the log names the cell and never the member.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._errors import RuleViolation
+from ._hlc import ts_ms
+from ._op import Op
+from ._record import Record, field_str, only_fields
+from .authority import DEVICE
+from .decisions import Decisions
+
+if TYPE_CHECKING:
+    from ._replica import Replica
+
+FRUSTRATION = "pulse.frustration"
+
+
+@dataclass(frozen=True, slots=True)
+class Frustration:
+    id: bytes
+    cell: bytes
+    at_ms: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseTimes:
+    """Delays (ms) between ops of ``cell`` and the first reply of ``by`` (a cell)."""
+
+    cell: bytes
+    by: bytes
+    count: int
+    median_ms: float
+    max_ms: int
+
+
+class Pulse(Record):
+    """Frustration entries, and the first replies between cells."""
+
+    op_kinds = (FRUSTRATION,)
+
+    def __init__(self, replica: Replica) -> None:
+        super().__init__(replica)
+        self._frustrations: dict[bytes, Frustration] = {}
+        # op id -> (replying cell -> earliest (ts, reply id)); min() commutes.
+        self._replies: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
+
+    def validate(self, op: Op) -> None:
+        grant = self.replica.authority.author_grant(op)
+        if grant.role != DEVICE:
+            raise RuleViolation(
+                "a frustration entry is signed by the cell's device key, so it names no member"
+            )
+        only_fields(op.body, frozenset({"text"}))
+        field_str(op.body, "text", min_len=1, max_len=2000)
+
+    def apply(self, op: Op) -> None:
+        cell = self.replica.authority.cell_of(op.author)
+        assert cell is not None
+        text = field_str(op.body, "text", max_len=2000)
+        self._frustrations[op.id] = Frustration(op.id, cell, ts_ms(op.ts), text)
+
+    def observe(self, op: Op) -> None:
+        """Note ``op`` as a possible reply to its deps (called for every applied op)."""
+        authority = self.replica.authority
+        cell = authority.cell_of(op.author)
+        if cell is None:
+            return
+        for dep in op.deps:
+            original = self.graph[dep]
+            if original.kind == "genesis" or authority.cell_of(original.author) == cell:
+                continue
+            replies = self._replies.setdefault(dep, {})
+            candidate = (op.ts, op.id)
+            if cell not in replies or candidate < replies[cell]:
+                replies[cell] = candidate
+
+    # -- queries ------------------------------------------------------------
+
+    def divergence(self, start_ms: int, end_ms: int, step_ms: int) -> list[tuple[int, int]]:
+        """(moment, open proposals) from ``start_ms`` to ``end_ms`` every ``step_ms``."""
+        if step_ms <= 0 or end_ms < start_ms:
+            raise ValueError("need step_ms > 0 and end_ms >= start_ms")
+        decisions = self.replica.record(Decisions)
+        return [
+            (moment, len(decisions.open_at(moment)))
+            for moment in range(start_ms, end_ms + 1, step_ms)
+        ]
+
+    def response_times(self) -> list[ResponseTimes]:
+        """Per (cell, replying cell): how fast the second answered the first."""
+        authority = self.replica.authority
+        delays: dict[tuple[bytes, bytes], list[int]] = {}
+        for op_id, replies in self._replies.items():
+            original = self.graph[op_id]
+            cell = authority.cell_of(original.author)
+            if cell is None:
+                continue
+            for by, (reply_ts, _) in replies.items():
+                delays.setdefault((cell, by), []).append(ts_ms(reply_ts) - ts_ms(original.ts))
+        return [
+            ResponseTimes(cell, by, len(d), statistics.median(d), max(d))
+            for (cell, by), d in sorted(delays.items())
+        ]
+
+    def frustrations(self, cell: bytes | None = None) -> list[Frustration]:
+        """The frustration log (of one cell, or all), oldest first; only entries
+        that count (a device key revoked concurrently does not)."""
+        authority = self.replica.authority
+        return sorted(
+            (
+                f
+                for f in self._frustrations.values()
+                if (cell is None or f.cell == cell) and authority.counts(f.id)
+            ),
+            key=lambda f: (f.at_ms, f.id),
+        )

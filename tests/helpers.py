@@ -17,6 +17,7 @@ from archipel.crdt import (
     found_federation,
     sign_op,
     ts_from_ms,
+    ts_ms,
 )
 
 T0 = 1_750_000_000_000  # a fixed "now" in ms, so tests never read a clock
@@ -98,3 +99,31 @@ def raw_op(
 def ms(offset_ms: int) -> int:
     """A timestamp ``offset_ms`` after T0."""
     return ts_from_ms(T0 + offset_ms)
+
+
+def _latest_ms(ops: Sequence[Op]) -> int:
+    return max(ts_ms(op.ts) for op in ops)
+
+
+def fork(replica: Replica, now_ms: int | None = None) -> Replica:
+    """A second replica of the same federation holding every op ``replica`` holds
+    (one side of a partition that starts now: by default, at its newest op)."""
+    other = Replica(replica.federation, records=replica.record_classes)
+    ops = list(replica.graph.topological())
+    for op in ops:
+        other.receive(op, now_ms if now_ms is not None else _latest_ms(ops))
+    return other
+
+
+def merge(*replicas: Replica, now_ms: int | None = None) -> None:
+    """Heal a partition: every replica receives every op any of them holds
+    (delivered at ``now_ms``, by default the newest op's time)."""
+    everything = {op.id: op for r in replicas for op in r.graph.topological()}
+    ordered = sorted(everything.values(), key=lambda op: (op.ts, op.id))
+    if now_ms is None:
+        now_ms = _latest_ms(ordered)
+    for replica in replicas:
+        for op in ordered:
+            replica.receive(op, now_ms)
+    hashes = {r.state_hash() for r in replicas}
+    assert len(hashes) == 1, "replicas hold different op sets after merging"

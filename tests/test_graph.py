@@ -304,3 +304,13 @@ def test_a_far_future_op_does_not_drag_our_clock_along() -> None:
         replica.receive(raw_op(9, genesis, seq=1, deps=[genesis.id], ts=ms(50_000)), T0)
     mine = replica.author(key(2), "note", {"text": "still today"}, T0 + 5)
     assert mine.ts == ts_from_ms(T0 + 5)
+
+
+def test_authoring_with_a_clock_far_behind_the_graph_is_refused() -> None:
+    replica, _genesis = federation()
+    replica.author(key(1), "note", {"text": "from a fast clock"}, T0 + 50_000)
+    before = replica.state_hash()
+    with pytest.raises(CausalityViolation, match="clock"):
+        replica.author(key(2), "note", {"text": "from a slow clock"}, T0 - 20_000)
+    assert replica.state_hash() == before
+    assert replica.graph.held_count() == 0
