@@ -159,6 +159,7 @@ class OpGraph:
         self._held: dict[bytes, Op] = {}
         self._held_queue: list[tuple[int, bytes]] = []
         self._rejected: dict[bytes, str] = {}
+        self._roots: set[bytes] = set()
         self._id_sum = 0
 
     # -- adding -------------------------------------------------------------
@@ -234,6 +235,8 @@ class OpGraph:
             self._remember_rejected(op.id, exc.reason)
             raise
         self._ops[op.id] = op
+        if not op.deps:
+            self._roots.add(op.id)
         self._heads.difference_update(op.deps)
         self._heads.add(op.id)
         self._id_sum = (self._id_sum + int.from_bytes(op.id, "little")) % _MOD
@@ -392,6 +395,10 @@ class OpGraph:
         deps = later.deps if isinstance(later, Op) else self._ops[later].deps
         if earlier in deps:
             return True
+        if not deps:
+            return False
+        if len(self._roots) == 1 and earlier in self._roots:
+            return True  # the one root (the genesis) is in every other op's past
         seen: set[bytes] = set()
         stack = list(deps)
         while stack:

@@ -48,7 +48,7 @@ MEMBER = "member"
 DEVICE = "device"
 ROLES = (MEMBER, DEVICE)
 
-ExpellingSeal = Callable[[bytes, Op | None], bytes | None]
+ExpellingSeals = Callable[[bytes, Op | None], tuple[bytes, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +84,7 @@ class Authority(Record):
         self._revocations: dict[bytes, list[bytes]] = {}  # key -> revoking op ids
         self._endorsements: dict[bytes, list[bytes]] = {}  # admission op -> endorsing op ids
         self._expel_proposals: dict[bytes, list[bytes]] = {}  # cell -> proposal op ids
-        self._expelling_seal: ExpellingSeal | None = None
+        self._expelling_seals: ExpellingSeals | None = None
         self._tainted: dict[bytes, bool] = {}
 
     # -- validation ---------------------------------------------------------
@@ -181,15 +181,15 @@ class Authority(Record):
             self._tainted.clear()
 
     def register_expulsion_proposal(
-        self, cell: bytes, proposal: bytes, expelling_seal: ExpellingSeal
+        self, cell: bytes, proposal: bytes, expelling_seals: ExpellingSeals
     ) -> None:
         """Called by the decisions record when a proposal to expel ``cell`` opens.
 
-        ``expelling_seal(proposal, view)`` answers with the seal that carried the
-        expulsion, as seen from ``view``, or None (not sealed, or not passed).
+        ``expelling_seals(proposal, view)`` answers with the seals that carried
+        the expulsion, as seen from ``view`` (none: not sealed, or not passed).
         """
         self._expel_proposals.setdefault(cell, []).append(proposal)
-        self._expelling_seal = expelling_seal
+        self._expelling_seals = expelling_seals
         self._tainted.clear()
 
     # -- counting (remove wins) ---------------------------------------------
@@ -198,7 +198,8 @@ class Authority(Record):
         """Whether ``op`` counts, seen from ``view`` (default: everything held)."""
         if isinstance(op, bytes):
             op = self.graph[op]
-        if op.kind == GENESIS or (view is None and not self._is_tainted(op.author)):
+        # An untouched key's ops count from any view that sees them.
+        if op.kind == GENESIS or not self._is_tainted(op.author):
             return True
         return self._discount_reason(op, view) is None
 
@@ -318,12 +319,10 @@ class Authority(Record):
 
     def expulsions(self, cell: bytes, view: Op | None = None) -> Iterator[bytes]:
         """Ids of the seals that expel ``cell``, as seen from ``view``."""
-        if cell not in self._expel_proposals or self._expelling_seal is None:
+        if cell not in self._expel_proposals or self._expelling_seals is None:
             return
         for proposal in self._expel_proposals[cell]:
-            seal = self._expelling_seal(proposal, view)
-            if seal is not None:
-                yield seal
+            yield from self._expelling_seals(proposal, view)
 
     def cell(self, ident: bytes) -> Cell | None:
         return self._cells.get(ident)

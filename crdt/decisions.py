@@ -10,7 +10,11 @@ vote counts. After the window any member may seal it.
 The seal fixes the count: the tally is computed from the votes in the seal's
 causal past, so every node that holds the seal recounts the same result.
 Votes not in that cut are *late*: shown, never counted. Concurrent seals
-resolve to the one with the smallest ``(ts, id)``. A vote cast on a text that
+(made without seeing each other) resolve to one cut, the union of their causal
+pasts: a member who backdates a seal, choosing deps that leave votes out,
+cannot shut out the votes an honest seal made at the same time saw. (With the
+rule "the smallest (ts, id) seal wins", a backdated seal would have beaten
+every honest one.) A vote cast on a text that
 was amended after (the author amended concurrently with the vote) is *void*:
 the voter did not see the text being decided. Remove wins here too: the vote
 of a key revoked concurrently with it does not count, even after the seal.
@@ -116,7 +120,7 @@ class Tally:
     proposal: bytes
     status: str  # open | awaiting seal | sealed | withdrawn
     final: bool
-    seal: bytes | None
+    seals: tuple[bytes, ...]  # the concurrent seals whose causal pasts make the cut
     version: Version
     counts: tuple[int, ...]  # per option
     circles: Mapping[str, tuple[Ballot, ...]]  # counted ballots with reasoning, per circle
@@ -289,6 +293,15 @@ class Decisions(Record):
             raise RuleViolation("approval choices must be sorted and distinct")
         return choices
 
+    def _version_in_cut(
+        self, facts: _Facts, cut: frozenset[bytes] | None, view: Op | None
+    ) -> Version:
+        """The latest amendment inside the seals' cut (or visible, if unsealed)."""
+        if cut is None:
+            return self._version_in_view(facts, view)
+        inside = [(self.graph[a].ts, a) for a in facts.amendments if a in cut]
+        return facts.amendments[max(inside)[1]] if inside else facts.proposal.original
+
     def _version_in_view(self, facts: _Facts, view: Op | None) -> Version:
         """The latest amendment of the proposal visible from ``view``, or the original."""
         visible = [(self.graph[a].ts, a) for a in facts.amendments if self.graph.in_view(a, view)]
@@ -314,7 +327,7 @@ class Decisions(Record):
             self._facts[op.id] = _Facts(proposal)
             if proposal.expel is not None:
                 self.replica.authority.register_expulsion_proposal(
-                    proposal.expel, op.id, self.expelling_seal
+                    proposal.expel, op.id, self.expelling_seals
                 )
             return
         facts = self._facts[field_bytes(op.body, "proposal")]
@@ -344,25 +357,25 @@ class Decisions(Record):
         """Every proposal, oldest first."""
         return sorted((f.proposal for f in self._facts.values()), key=lambda p: (p.opened_ms, p.id))
 
-    def effective_seal(self, proposal: bytes, view: Op | None = None) -> bytes | None:
-        """The seal that counts for ``proposal`` as seen from ``view``: of the
-        counted seals visible, the one with the smallest (ts, id)."""
+    def seals(self, proposal: bytes, view: Op | None = None) -> tuple[bytes, ...]:
+        """The seals of ``proposal`` that count, as seen from ``view``, oldest
+        first. Several only when they were made concurrently."""
         facts = self._facts.get(proposal)
         if facts is None:
-            return None
+            return ()
         authority = self.replica.authority
         seals = [
             (self.graph[s].ts, s)
             for s in facts.seals
             if self.graph.in_view(s, view) and authority.counts(s, view)
         ]
-        return min(seals)[1] if seals else None
+        return tuple(s for _, s in sorted(seals))
 
     def status(self, proposal: bytes, now_ms: int, view: Op | None = None) -> str:
         facts = self._facts[proposal]
         if any(self.graph.in_view(w, view) for w in facts.withdrawals):
             return "withdrawn"
-        if self.effective_seal(proposal, view) is not None:
+        if self.seals(proposal, view):
             return "sealed"
         return "open" if now_ms <= facts.proposal.closes_ms else "awaiting seal"
 
@@ -374,21 +387,19 @@ class Decisions(Record):
             if f.proposal.opened_ms <= now_ms and self.status(f.proposal.id, now_ms) == "open"
         ]
 
-    def expelling_seal(self, proposal: bytes, view: Op | None) -> bytes | None:
-        """The seal by which ``proposal`` expels its cell, seen from ``view``.
+    def expelling_seals(self, proposal: bytes, view: Op | None) -> tuple[bytes, ...]:
+        """The seals by which ``proposal`` expels its cell, seen from ``view``.
 
         While this is being worked out, the proposal's own expulsion does not
         discount the votes and seals deciding it (a member of the cell to be
         expelled may seal it); this also ends what would be endless recursion.
         """
         if proposal in self._tallying:
-            return None
+            return ()
         self._tallying.add(proposal)
         try:
-            seal = self.effective_seal(proposal, view)
-            if seal is None or not self._count(self._facts[proposal], None, view).passed:
-                return None
-            return seal
+            result = self._count(self._facts[proposal], None, view)
+            return result.seals if result.passed else ()
         finally:
             self._tallying.discard(proposal)
 
@@ -405,10 +416,12 @@ class Decisions(Record):
 
     def _count(self, facts: _Facts, now_ms: int | None, view: Op | None) -> Tally:
         proposal = facts.proposal
-        seal = self.effective_seal(proposal.id, view)
-        cut = self._cuts[seal] if seal is not None else None
-        cut_view = self.graph[seal] if seal is not None else view
-        version = self._version_in_view(facts, cut_view)
+        seals = self.seals(proposal.id, view)
+        # The cut is the union of the concurrent seals' causal pasts: a sealer
+        # who backdates a seal to leave votes out cannot outvote the cut of an
+        # honest seal made at the same time.
+        cut = frozenset().union(*(self._cuts[s] for s in seals)) if seals else None
+        version = self._version_in_cut(facts, cut, view)
         authority = self.replica.authority
         late: list[bytes] = []
         latest: dict[bytes, Op] = {}
@@ -434,7 +447,7 @@ class Decisions(Record):
         return self._result(
             facts,
             counted,
-            seal=seal,
+            seals=seals,
             version=version,
             now_ms=now_ms,
             view=view,
@@ -447,7 +460,7 @@ class Decisions(Record):
         facts: _Facts,
         counted: list[Ballot],
         *,
-        seal: bytes | None,
+        seals: tuple[bytes, ...],
         version: Version,
         now_ms: int | None,
         view: Op | None,
@@ -471,7 +484,7 @@ class Decisions(Record):
             passed = quorum_met and len(winners) == 1
         if withdrawn:
             status = "withdrawn"
-        elif seal is not None:
+        elif seals:
             status = "sealed"
         elif now_ms is not None and now_ms <= proposal.closes_ms:
             status = "open"
@@ -480,8 +493,8 @@ class Decisions(Record):
         return Tally(
             proposal=proposal.id,
             status=status,
-            final=seal is not None and not withdrawn,
-            seal=seal,
+            final=bool(seals) and not withdrawn,
+            seals=seals,
             version=version,
             counts=tuple(counts),
             circles={name: tuple(b) for name, b in circles.items()},
@@ -489,7 +502,7 @@ class Decisions(Record):
             voters=len(counted),
             quorum_met=quorum_met,
             winners=winners,
-            passed=passed and seal is not None and not withdrawn,
+            passed=passed and bool(seals) and not withdrawn,
             late=tuple(sorted(late)),
             void=tuple(sorted(void)),
         )

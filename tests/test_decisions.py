@@ -68,7 +68,7 @@ def test_a_proposal_is_voted_sealed_and_recounted() -> None:
     s = seal(replica, p)
     result = decisions(replica).tally(p)
     assert result.status == "sealed"
-    assert result.seal == s
+    assert result.seals == (s,)
     assert result.counts == (3, 1, 0)
     assert result.winners == (0,)
     assert result.voters == 4
@@ -121,8 +121,8 @@ def test_approval_ballots() -> None:
 
 
 def test_two_concurrent_seals_resolve_to_one_result_everywhere() -> None:
-    """Each side seals with a different cut: one side saw a late vote, the other
-    did not. After the heal, every replica counts the same seal's cut."""
+    """Each side seals with a different cut: one side saw a vote the other did
+    not. After the heal, every replica counts the union of the two cuts."""
     left, _ = cells_federation()
     p = propose(left)
     vote(left, p, VOTERS[0], (0,), 10)
@@ -133,10 +133,26 @@ def test_two_concurrent_seals_resolve_to_one_result_everywhere() -> None:
     merge(left, right)
     results = [decisions(r).tally(p) for r in (left, right)]
     assert results[0] == results[1]
-    winner = min((left.graph[s].ts, s) for s in (s_left, s_right))[1]
-    assert results[0].seal == winner
-    expected = (1, 0, 0) if winner == s_left else (1, 1, 0)
-    assert results[0].counts == expected
+    assert set(results[0].seals) == {s_left, s_right}
+    assert results[0].counts == (1, 1, 0)
+    assert results[0].late == ()
+
+
+def test_a_backdated_seal_cannot_shut_out_votes_an_honest_seal_saw() -> None:
+    """A member signs a seal dated right at the window's close, with deps from
+    before the last votes. An honest seal made concurrently keeps them in."""
+    honest, _ = cells_federation()
+    p = propose(honest)
+    vote(honest, p, VOTERS[0], (0,), 10)
+    cheat = fork(honest)  # the cheater's view stops here
+    for i, voter in enumerate(VOTERS[1:4]):
+        vote(honest, p, voter, (1,), 2 * DAY - 100 + i)
+    backdated = seal(cheat, p, at=2 * DAY + 2, by=member(EAST, 1))  # the earliest allowed
+    fair = seal(honest, p, at=3 * DAY, by=member(EAST, 2))
+    merge(honest, cheat)
+    result = decisions(honest).tally(p)
+    assert result.seals == (backdated, fair)
+    assert result.counts == (1, 3, 0)
 
 
 def test_a_vote_arriving_after_the_seal_is_late_not_counted() -> None:
@@ -148,7 +164,7 @@ def test_a_vote_arriving_after_the_seal_is_late_not_counted() -> None:
     s = seal(sealer, p)
     merge(sealer, voter_side)
     result = decisions(sealer).tally(p)
-    assert result.seal == s
+    assert result.seals == (s,)
     assert result.counts == (1, 0, 0)
     assert result.late == (late,)
     with pytest.raises(RuleViolation, match="already sealed|window has closed"):
