@@ -107,20 +107,21 @@ class Replica:
         """
         author = bytes(key.verify_key)
         own = self.graph.author_head(author)
-        # Newest heads first; with more heads than a single op may name, the
-        # rest stay heads and are named by the next op.
-        heads = sorted((self.graph[h] for h in self.graph.heads()), key=_newest_first)
-        deps = heads[: self.limits.max_deps]
-        if own is not None and own not in deps:
-            deps = [*deps[: self.limits.max_deps - 1], own]
-        if not deps:
-            raise RuleViolation("this replica holds no genesis yet: nothing to build on")
-        # Ops the body refers to must be deps (see Record.ref_fields).
+        # Required deps first: the author's previous op (the author chain) and
+        # the ops the body refers to (Record.ref_fields). Then the newest heads,
+        # as many as fit; the rest stay heads and are named by a later op.
+        required = [own] if own is not None else []
         record = self._owners.get(kind)
         for name in record.ref_fields.get(kind, ()) if record is not None else ():
             ref = body.get(name)
-            if isinstance(ref, bytes) and ref in self.graph and ref not in (d.id for d in deps):
-                deps.append(self.graph[ref])
+            if isinstance(ref, bytes) and ref in self.graph:
+                required.append(self.graph[ref])
+        heads = sorted((self.graph[h] for h in self.graph.heads()), key=_newest_first)
+        deps = list(dict.fromkeys(required))
+        room = self.limits.max_deps - len(deps)
+        deps += [op for op in heads if op not in deps][: max(room, 0)]
+        if not deps:
+            raise RuleViolation("this replica holds no genesis yet: nothing to build on")
         ts = self.clock.tick(now_ms, max(op.ts for op in deps))
         if ts_ms(ts) > now_ms + self.graph.limits.max_skew_ms:
             raise CausalityViolation(

@@ -314,3 +314,26 @@ def test_authoring_with_a_clock_far_behind_the_graph_is_refused() -> None:
         replica.author(key(2), "note", {"text": "from a slow clock"}, T0 - 20_000)
     assert replica.state_hash() == before
     assert replica.graph.held_count() == 0
+
+
+def test_authoring_over_many_heads_stays_within_the_deps_limit() -> None:
+    """70 concurrent heads; the new op must also name its author's previous op
+    and the proposal it votes on: it names exactly max_deps deps, those two
+    among them (signing more would be refused as malformed)."""
+    origin, genesis = federation(members=3)
+    circle = {"name": "all", "members": sorted(pub(i) for i in range(3))}
+    body = {"title": "t", "options": ("a", "b"), "ballot": "single", "circles": (circle,)}
+    proposal = origin.author(key(0), "proposal.open", body, T0 + 1)
+    mine = origin.author(key(2), "note", {"text": "mine"}, T0 + 2)
+    for i in range(70):
+        side = Replica(genesis.federation)
+        for op in (genesis, proposal):
+            side.receive(op, T0 + 3)
+        origin.receive(side.author(key(1), "note", {"text": f"{i}"}, T0 + 3), T0 + 3)
+    assert len(origin.heads()) > 64
+    vote = {"proposal": proposal.id, "version": proposal.id, "choices": (0,), "reasoning": "",
+            "circle": "all"}  # fmt: skip
+    op = origin.author(key(2), "vote.cast", vote, T0 + 4)
+    assert len(op.deps) == 64
+    assert mine.id in op.deps
+    assert proposal.id in op.deps
