@@ -18,15 +18,26 @@ from ._hlc import HybridClock, ts_from_ms, ts_ms
 from ._op import Op, decode_op, sign_op
 from ._record import Record
 from .authority import Authority
+from .councils import Councils
 from .decisions import Decisions
 from .genesis import KIND as GENESIS
 from .genesis import Params, make_genesis
+from .lots import Lots
+from .mandates import Mandates
 from .note import Notes
 from .pulse import Pulse
 
 R = TypeVar("R", bound=Record)
 
-DEFAULT_RECORDS: tuple[type[Record], ...] = (Authority, Decisions, Notes, Pulse)
+DEFAULT_RECORDS: tuple[type[Record], ...] = (
+    Authority,
+    Decisions,
+    Mandates,
+    Councils,
+    Lots,
+    Notes,
+    Pulse,
+)
 """The record kinds every replica runs."""
 
 
