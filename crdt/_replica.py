@@ -17,11 +17,14 @@ from ._graph import DEFAULT_GRAPH_LIMITS, AddResult, GraphLimits, OpGraph
 from ._hlc import HybridClock, ts_from_ms, ts_ms
 from ._op import Op, decode_op, sign_op
 from ._record import Record
+from .aid import Aid
+from .alerts import Alerts
 from .authority import Authority
 from .councils import Councils
 from .decisions import Decisions
 from .genesis import KIND as GENESIS
 from .genesis import Params, make_genesis
+from .ledger import Ledger
 from .lots import Lots
 from .mandates import Mandates
 from .note import Notes
@@ -35,6 +38,9 @@ DEFAULT_RECORDS: tuple[type[Record], ...] = (
     Mandates,
     Councils,
     Lots,
+    Aid,
+    Ledger,
+    Alerts,
     Notes,
     Pulse,
 )
