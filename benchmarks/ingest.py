@@ -2,21 +2,25 @@
 
 Prints ops/s for the full path next to the raw pynacl (libsodium) Ed25519
 verify rate over the same ops, measured in the same run: verification is the
-physical bound for ingest, and the goal is to reach at least half of it.
+physical bound for ingest, and the goal is to reach at least half of it. Also
+prints the rate of state apply alone (ops already decoded and verified), whose
+goal is 100k ops/s.
 
-    .venv/bin/python benchmarks/ingest.py [--ops N] [--rounds R]
+    .venv/bin/python benchmarks/ingest.py [--ops N] [--rounds R] [--seed S]
 
-Ops are generated first (not timed): several members writing notes on their
-own replicas and syncing now and then, so the graph has concurrency and
-multi-dep ops as in real use. They are then ingested by fresh replicas, both
-in causal order (the common case: live push) and shuffled (every op that
-arrives early waits in the pending set).
+The ops come from the shared workload generator (simulations/workload.py): a
+realistic mix dominated by votes, aid claims, ledger entries and acts under
+mandates, authored on three sites that sync now and then, so the graph has
+concurrency and ops refer to each other as in real use. They are generated
+first (not timed), then ingested by fresh replicas in causal order (the
+common case: live push) and shuffled (ops that arrive early wait in the
+pending set).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import collections
 import random
 import statistics
 import sys
@@ -28,36 +32,10 @@ import nacl.bindings
 import nacl.signing
 from _machine import describe, pin_to_one_core
 
-from archipel.crdt import OP_SIGNING_DOMAIN, GraphLimits, Op, Replica, found_federation
+from archipel.crdt import OP_SIGNING_DOMAIN, GraphLimits, Replica
+from archipel.simulations.workload import Workload
 
 T0 = 1_750_000_000_000
-MEMBERS = 8
-
-
-def signing_key(n: int) -> nacl.signing.SigningKey:
-    return nacl.signing.SigningKey(hashlib.blake2b(b"bench-%d" % n, digest_size=32).digest())
-
-
-def generate(count: int, rng: random.Random) -> tuple[bytes, list[Op]]:
-    keys = [signing_key(i) for i in range(MEMBERS)]
-    founder, genesis = found_federation(keys[0], "Bench", [bytes(k.verify_key) for k in keys], T0)
-    replicas = [founder] + [Replica(genesis.federation) for _ in range(MEMBERS - 1)]
-    for replica in replicas[1:]:
-        replica.receive(genesis, T0)
-    ops = [genesis]
-    now = T0
-    while len(ops) < count:
-        now += rng.randint(0, 20)
-        who = rng.randrange(MEMBERS)
-        if rng.random() < 0.2:  # sync with another member: pull what they have that we lack
-            other = replicas[rng.randrange(MEMBERS)]
-            mine = replicas[who]
-            for op in ops:
-                if op.id in other.graph and op.id not in mine.graph:
-                    mine.receive(op, now)
-        text = "minutes: " + "x" * rng.randint(20, 300)
-        ops.append(replicas[who].author(keys[who], "note", {"text": text}, now))
-    return genesis.federation, ops
 
 
 def best_rate(run: Callable[[], int], rounds: int) -> float:
@@ -79,11 +57,13 @@ def main() -> int:
 
     pinned = pin_to_one_core()
     rng = random.Random(args.seed)
-    federation, ops = generate(args.ops, rng)
+    workload = Workload(rng)
+    ops = workload.run(args.ops)
+    federation = workload.genesis.federation
     blobs = [op.data for op in ops]
     shuffled = blobs[:]
     rng.shuffle(shuffled)
-    deliver_at = T0 + 10**9
+    deliver_at = workload.now_ms + 1
 
     # Raw verify, as the op decoder calls it: domain + unsigned bytes, signature.
     prepared = [(OP_SIGNING_DOMAIN + b"\x98" + d[1:-66], d[-64:], d) for d in blobs]
@@ -123,18 +103,21 @@ def main() -> int:
         ("raw verify: bindings.crypto_sign_open", raw_bindings),
         ("ingest, causal order (decode+verify+validate+apply)", ingest(blobs)),
         ("ingest, shuffled order (pending set in use)", ingest(shuffled)),
-        ("validate+apply only (ops already decoded)", apply_only),
+        ("state apply only (decoded, verified; goal 100k/s)", apply_only),
     ]
     rows = [(name, best_rate(run, args.rounds)) for name, run in measures]
     baseline = rows[0][1]
     sizes = [len(b) for b in blobs]
     print(f"machine: {describe()}; {pinned}")
     print(f"pynacl {nacl.__version__} (bundled libsodium)")
+    kinds = collections.Counter(op.kind for op in ops)
     print(
-        f"{len(ops)} ops by {MEMBERS} members; op size median {statistics.median(sizes):.0f} B;"
+        f"{len(ops)} ops by {len(workload.members)} members of {len(workload.sites)} sites;"
+        f" op size median {statistics.median(sizes):.0f} B;"
         f" deps per op mean {statistics.mean(len(op.deps) for op in ops):.2f};"
         f" best of {args.rounds} runs"
     )
+    print("mix: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()))
     print()
     print(f"| {'measure':<52} | {'ops/s':>9} | {'µs/op':>7} | {'vs verify':>9} |")
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 9}|{'-' * 11}|")
@@ -142,10 +125,15 @@ def main() -> int:
         print(f"| {name:<52} | {rate:>9,.0f} | {1e6 / rate:>7.1f} | {rate / baseline:>8.0%} |")
     ratio = rows[2][1] / baseline
     verdict = "meets" if ratio >= 0.5 else "MISSES"
+    apply_rate = rows[4][1]
+    print(
+        f"Goal: state apply >= 100,000 ops/s; it is {apply_rate:,.0f}:"
+        f" {'meets' if apply_rate >= 100_000 else 'MISSES'} it."
+    )
     print(
         f"\nGoal: ingest >= 50% of raw verify; causal-order ingest is at {ratio:.0%}: {verdict} it."
     )
-    return 0 if ratio >= 0.5 else 1
+    return 0 if ratio >= 0.5 and apply_rate >= 100_000 else 1
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from ._hlc import ts_ms
 from ._op import Op
 
 STATE_HASH_DOMAIN = b"archipel/state/v1\x00"
-_MOD = 2**256
+_MASK = 2**256 - 1  # sums of ids are kept modulo 2**256
 
 
 class Admission(Protocol):
@@ -107,6 +107,7 @@ class GraphLimits:
 
 
 DEFAULT_GRAPH_LIMITS = GraphLimits()
+_DUPLICATE = AddResult(Status.DUPLICATE)
 
 
 @dataclass(slots=True)
@@ -172,23 +173,27 @@ class OpGraph:
         set. Ops released by this call that fail validation are reported in
         :attr:`AddResult.rejected`.
         """
-        if op.id in self._ops or op.id in self._held or op.id in self._pending.ops:
-            return AddResult(Status.DUPLICATE)
-        reason = self._rejected.get(op.id)
-        if reason is not None:
-            raise InvalidOp(f"previously rejected: {reason}", op_id=op.id)
+        # This is the hot path of ingest: it reads attributes into locals once.
+        ops, ident, deps = self._ops, op.id, op.deps
+        if ident in ops or ident in self._held or ident in self._pending.ops:
+            return _DUPLICATE
+        rejected = self._rejected
+        if rejected:
+            reason = rejected.get(ident)
+            if reason is not None:
+                raise InvalidOp(f"previously rejected: {reason}", op_id=ident)
+            for dep in deps:
+                if dep in rejected:
+                    raise InvalidOp(f"depends on rejected op {dep.hex()[:16]}", op_id=ident)
         if op.federation != self.federation:
-            raise CausalityViolation("op belongs to another federation", op_id=op.id)
-        for dep in op.deps:
-            if dep in self._rejected:
-                raise InvalidOp(f"depends on rejected op {dep.hex()[:16]}", op_id=op.id)
+            raise CausalityViolation("op belongs to another federation", op_id=ident)
         if ts_ms(op.ts) > now_ms + self.limits.max_skew_ms:
             if len(self._held) >= self.limits.max_held:
                 raise HeldSetFull(f"{len(self._held)} future-dated ops are already held")
             self._held[op.id] = op
             heapq.heappush(self._held_queue, (op.ts, op.id))
             return AddResult(Status.HELD)
-        missing = {dep for dep in op.deps if dep not in self._ops}
+        missing = {dep for dep in deps if dep not in ops}
         if missing:
             if len(self._pending.ops) >= self.limits.max_pending:
                 raise PendingSetFull(
@@ -197,8 +202,10 @@ class OpGraph:
             self._pending.add(op, missing)
             return AddResult(Status.PENDING)
         self._admit(op, admission)  # raises InvalidOp, graph unchanged
-        applied, rejected = self._release_waiters(op, admission)
-        return AddResult(Status.APPLIED, (op, *applied), tuple(rejected))
+        if ident not in self._pending.waiters:
+            return AddResult(Status.APPLIED, (op,))
+        applied, refused = self._release_waiters(op, admission)
+        return AddResult(Status.APPLIED, (op, *applied), tuple(refused))
 
     def release_due(self, now_ms: int, admission: Admission) -> AddResult:
         """Move held ops whose time has come (``now_ms`` reached their timestamp)
@@ -234,30 +241,33 @@ class OpGraph:
         except InvalidOp as exc:
             self._remember_rejected(op.id, exc.reason)
             raise
-        self._ops[op.id] = op
+        ident, author = op.id, op.author
+        self._ops[ident] = op
         if not op.deps:
-            self._roots.add(op.id)
-        self._heads.difference_update(op.deps)
-        self._heads.add(op.id)
-        self._id_sum = (self._id_sum + int.from_bytes(op.id, "little")) % _MOD
-        key = (op.author, op.seq)
-        first = self._by_author_seq.setdefault(key, op.id)
-        if first != op.id:
-            self._equivocations.setdefault(key, [first]).append(op.id)
-        head = self._author_head.get(op.author)
-        if head is None or (op.seq, op.id) > (head.seq, head.id):
-            self._author_head[op.author] = op
+            self._roots.add(ident)
+        heads = self._heads
+        heads.difference_update(op.deps)
+        heads.add(ident)
+        self._id_sum = (self._id_sum + int.from_bytes(ident, "little")) & _MASK
+        key = (author, op.seq)
+        first = self._by_author_seq.setdefault(key, ident)
+        if first != ident:
+            self._equivocations.setdefault(key, [first]).append(ident)
+        head = self._author_head.get(author)
+        if head is None or (op.seq, ident) > (head.seq, head.id):
+            self._author_head[author] = op
         admission.apply(op)
 
     def _check_rules(self, op: Op) -> None:
-        has_previous = op.seq == 1
+        ops, ts, author, previous = self._ops, op.ts, op.author, op.seq - 1
+        has_previous = previous == 0
         for dep_id in op.deps:
-            dep = self._ops[dep_id]
-            if dep.ts >= op.ts:
+            dep = ops[dep_id]
+            if dep.ts >= ts:
                 raise CausalityViolation(
                     "timestamp is not later than a dep's timestamp", op_id=op.id
                 )
-            if dep.author == op.author and dep.seq == op.seq - 1:
+            if dep.seq == previous and dep.author == author:
                 has_previous = True
         if not has_previous:
             raise CausalityViolation(

@@ -70,6 +70,9 @@ class Replica:
                 if kind in self._owners:
                     raise ValueError(f"op kind {kind!r} has two records")
                 self._owners[kind] = record
+        if Authority not in self._records:
+            raise ValueError("a replica needs the Authority record: it judges every op")
+        self._authority = self.record(Authority)
 
     @property
     def federation(self) -> bytes:
@@ -77,7 +80,7 @@ class Replica:
 
     @property
     def authority(self) -> Authority:
-        return self.record(Authority)
+        return self._authority
 
     @property
     def record_classes(self) -> tuple[type[Record], ...]:
@@ -181,9 +184,6 @@ class Replica:
 
     def apply(self, op: Op) -> None:
         self._owners[op.kind].apply(op)
-        pulse = self._records.get(Pulse)
-        if isinstance(pulse, Pulse):
-            pulse.observe(op)
 
     # -- queries ------------------------------------------------------------
 

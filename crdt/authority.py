@@ -353,6 +353,22 @@ class Authority(Record):
             keys.append(key)
         return sorted(keys)
 
+    def is_live_member(self, key: bytes, view: Op | None = None) -> bool:
+        """Whether ``key`` is a member (a person) of a live cell, seen from ``view``.
+
+        O(1) for a founding key no removal touches; otherwise the exact checks.
+        """
+        grant = self.grant(key)
+        if grant is not None and not self._is_tainted(key) and grant.op == self._genesis_id():
+            return grant.role == MEMBER
+        grant = self.grant_in_view(key, view)
+        return (
+            grant is not None
+            and grant.role == MEMBER
+            and not self.is_revoked(key, view)
+            and self.cell_is_live(grant.cell, view)
+        )
+
     def is_revoked(self, key: bytes, view: Op | None = None) -> bool:
         return any(self.graph.in_view(r, view) for r in self._revocations.get(key, ()))
 

@@ -45,7 +45,6 @@ from ._record import (
     field_strs,
     only_fields,
 )
-from .authority import MEMBER
 
 if TYPE_CHECKING:
     from ._replica import Replica
@@ -158,6 +157,8 @@ class Decisions(Record):
     def __init__(self, replica: Replica) -> None:
         super().__init__(replica)
         self._facts: dict[bytes, _Facts] = {}
+        self._validated: tuple[bytes, Proposal] | None = None  # parsed by validate, for apply
+        self._validated_ballot: Ballot | None = None
         self._cuts: dict[bytes, frozenset[bytes]] = {}  # seal -> its causal past since opening
         self._tallying: set[bytes] = set()
 
@@ -166,7 +167,7 @@ class Decisions(Record):
     def validate(self, op: Op) -> None:
         self.replica.authority.require_member(op)
         if op.kind == OPEN:
-            self._parse_open(op)
+            self._validated = (op.id, self._parse_open(op))
             return
         facts = self._facts_for(op)
         proposal = facts.proposal
@@ -235,8 +236,7 @@ class Decisions(Record):
             only_fields(circle, frozenset({"name", "members"}))
             members = field_keys(circle, "members", min_count=3, max_count=5)
             for key in members:
-                grant = authority.grant_in_view(key, op)
-                if grant is None or grant.role != MEMBER or authority.is_revoked(key, op):
+                if not authority.is_live_member(key, op):
                     raise RuleViolation(f"circle member {key.hex()[:16]} is not a member")
             circles.append(Circle(field_str(circle, "name", min_len=1, max_len=100), members))
         keys = [k for c in circles for k in c.members]
@@ -275,8 +275,14 @@ class Decisions(Record):
         version = self._version_in_view(facts, op)
         if field_bytes(op.body, "version") != version.op:
             raise RuleViolation("the vote must name the latest text of the proposal it has seen")
-        field_str(op.body, "reasoning", max_len=4000)
-        self._choices(op.body, proposal.ballot, len(version.options))
+        ballot = Ballot(
+            op.id,
+            op.author,
+            name,
+            self._choices(op.body, proposal.ballot, len(version.options)),
+            field_str(op.body, "reasoning", max_len=4000),
+        )
+        self._validated_ballot = ballot
 
     @staticmethod
     def _choices(body: Mapping[str, Value], ballot: str, n_options: int) -> tuple[int, ...]:
@@ -323,7 +329,8 @@ class Decisions(Record):
 
     def apply(self, op: Op) -> None:
         if op.kind == OPEN:
-            proposal = self._parse_open(op)
+            validated, self._validated = self._validated, None
+            proposal = validated[1] if validated and validated[0] == op.id else self._parse_open(op)
             self._facts[op.id] = _Facts(proposal)
             if proposal.expel is not None:
                 self.replica.authority.register_expulsion_proposal(
@@ -336,13 +343,10 @@ class Decisions(Record):
         elif op.kind == WITHDRAW:
             facts.withdrawals.append(op.id)
         elif op.kind == VOTE:
-            facts.votes[op.id] = Ballot(
-                op.id,
-                op.author,
-                field_str(op.body, "circle"),
-                self._choices(op.body, facts.proposal.ballot, 20),
-                field_str(op.body, "reasoning", max_len=4000),
-            )
+            ballot, self._validated_ballot = self._validated_ballot, None
+            if ballot is None or ballot.op != op.id:  # pragma: no cover - apply follows validate
+                raise AssertionError("vote applied without being validated")
+            facts.votes[op.id] = ballot
         elif op.kind == SEAL:
             facts.seals.append(op.id)
             self._cuts[op.id] = self.graph.past_since(op.id, self.graph[facts.proposal.id].ts)

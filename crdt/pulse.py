@@ -7,8 +7,9 @@ Theory of operation. Three measures, all pure functions of the ops held and
   span ("open proposals per round"). Many open proposals at once means the
   federation is deciding more than it settles.
 - **Response time**: for an op of one cell, the delay until the first op of
-  another cell that names it as a dep (a reply that saw it). Kept per op as a
-  minimum over replies, so arrival order does not matter.
+  another cell that names it as a dep (a reply that saw it): the minimum
+  (ts, id) over replies, computed from the graph when asked, so arrival order
+  does not matter and ingest pays nothing for it.
 - **Frustration log**: short entries signed by a cell's *device* key (the
   cell's node, not a person), so the log names the cell and never the member.
 """
@@ -59,8 +60,6 @@ class Pulse(Record):
     def __init__(self, replica: Replica) -> None:
         super().__init__(replica)
         self._frustrations: dict[bytes, Frustration] = {}
-        # op id -> (replying cell -> earliest (ts, reply id)); min() commutes.
-        self._replies: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
 
     def validate(self, op: Op) -> None:
         grant = self.replica.authority.author_grant(op)
@@ -77,21 +76,6 @@ class Pulse(Record):
         text = field_str(op.body, "text", max_len=2000)
         self._frustrations[op.id] = Frustration(op.id, cell, ts_ms(op.ts), text)
 
-    def observe(self, op: Op) -> None:
-        """Note ``op`` as a possible reply to its deps (called for every applied op)."""
-        authority = self.replica.authority
-        cell = authority.cell_of(op.author)
-        if cell is None:
-            return
-        for dep in op.deps:
-            original = self.graph[dep]
-            if original.kind == "genesis" or authority.cell_of(original.author) == cell:
-                continue
-            replies = self._replies.setdefault(dep, {})
-            candidate = (op.ts, op.id)
-            if cell not in replies or candidate < replies[cell]:
-                replies[cell] = candidate
-
     # -- queries ------------------------------------------------------------
 
     def divergence(self, start_ms: int, end_ms: int, step_ms: int) -> list[tuple[int, int]]:
@@ -105,16 +89,28 @@ class Pulse(Record):
         ]
 
     def response_times(self) -> list[ResponseTimes]:
-        """Per (cell, replying cell): how fast the second answered the first."""
-        authority = self.replica.authority
-        delays: dict[tuple[bytes, bytes], list[int]] = {}
-        for op_id, replies in self._replies.items():
-            original = self.graph[op_id]
-            cell = authority.cell_of(original.author)
+        """Per (cell, replying cell): how fast the second answered the first.
+
+        Computed from the whole graph when asked (nothing is kept per op): for
+        each op, the earliest (ts, id) op of each other cell naming it as a dep.
+        """
+        cell_of = self.replica.authority.cell_of
+        first: dict[tuple[bytes, bytes], tuple[int, bytes]] = {}  # (op, cell) -> reply
+        for op in self.graph.topological():
+            cell = cell_of(op.author)
             if cell is None:
                 continue
-            for by, (reply_ts, _) in replies.items():
-                delays.setdefault((cell, by), []).append(ts_ms(reply_ts) - ts_ms(original.ts))
+            for dep in op.deps:
+                key = (dep, cell)
+                if key not in first or (op.ts, op.id) < first[key]:
+                    first[key] = (op.ts, op.id)
+        delays: dict[tuple[bytes, bytes], list[int]] = {}
+        for (op_id, by), (reply_ts, _) in first.items():
+            original = self.graph[op_id]
+            cell = cell_of(original.author)
+            if original.kind == "genesis" or cell is None or cell == by:
+                continue
+            delays.setdefault((cell, by), []).append(ts_ms(reply_ts) - ts_ms(original.ts))
         return [
             ResponseTimes(cell, by, len(d), statistics.median(d), max(d))
             for (cell, by), d in sorted(delays.items())
