@@ -1,0 +1,1 @@
+"""Sync protocol: errors (being written)."""

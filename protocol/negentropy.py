@@ -1,0 +1,1 @@
+"""Sync protocol: negentropy (being written)."""

@@ -1,0 +1,1 @@
+"""Sync protocol: peers (being written)."""

@@ -1,0 +1,1 @@
+"""Sync protocol: plumtree (being written)."""

@@ -1,0 +1,1 @@
+"""Sync protocol: session (being written)."""

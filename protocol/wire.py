@@ -1,0 +1,1 @@
+"""Sync protocol: wire (being written)."""
