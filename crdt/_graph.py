@@ -427,18 +427,18 @@ class OpGraph:
         """Ids in the causal past of ``op_id`` with a timestamp of at least
         ``floor_ts``: one search, for membership tests against many ops
         (the votes in a seal's cut)."""
+        ops = self._ops
         seen: set[bytes] = set()
-        stack = [d for d in self._ops[op_id].deps]
+        stack = list(ops[op_id].deps)
         while stack:
             dep = stack.pop()
             if dep in seen:
                 continue
-            op = self._ops[dep]
-            if op.ts < floor_ts:
-                continue
-            seen.add(dep)
-            stack.extend(op.deps)
-        return frozenset(seen)
+            seen.add(dep)  # older ops too, so that no op is pushed twice
+            op = ops[dep]
+            if op.ts >= floor_ts:
+                stack.extend(op.deps)
+        return frozenset(d for d in seen if ops[d].ts >= floor_ts)
 
     def in_view(self, op_id: bytes, view: Op | None) -> bool:
         """Whether applied op ``op_id`` is visible from ``view``: in its causal past

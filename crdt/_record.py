@@ -22,8 +22,8 @@ Contract for subclasses (the convergence tests check it):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from ._canonical import Value
 from ._errors import RuleViolation
@@ -32,6 +32,8 @@ from ._op import Op
 if TYPE_CHECKING:
     from ._graph import OpGraph
     from ._replica import Replica
+
+T = TypeVar("T")
 
 
 class Record(ABC):
@@ -47,6 +49,18 @@ class Record(ABC):
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
+        self._parsed: tuple[Op, object] | None = None
+
+    def parse_once(self, op: Op, parse: Callable[[Op], T]) -> T:
+        """``parse(op)``, computed once for ``validate`` and reused by the
+        ``apply`` that follows it (the replica always applies an op right after
+        validating it). Parsing a body twice was a large share of ingest time."""
+        cached = self._parsed
+        if cached is not None and cached[0] is op:
+            return cached[1]  # type: ignore[return-value]
+        value = parse(op)
+        self._parsed = (op, value)
+        return value
 
     @property
     def graph(self) -> OpGraph:

@@ -216,9 +216,9 @@ class Aid(Record):
     def validate(self, op: Op) -> None:
         grant = self.replica.authority.require_member(op)
         if op.kind == OFFER:
-            _parse_offer(op, grant.cell)
+            self.parse_once(op, lambda o: _parse_offer(o, grant.cell))
         elif op.kind == REQUEST:
-            _parse_request(op, grant.cell)
+            self.parse_once(op, lambda o: _parse_request(o, grant.cell))
         elif op.kind == CLAIM:
             self._check_claim(op, grant.cell)
         elif op.kind == PLEDGE:
@@ -310,9 +310,9 @@ class Aid(Record):
     def apply(self, op: Op) -> None:
         cell = self.replica.authority.author_grant(op).cell
         if op.kind == OFFER:
-            self._offers[op.id] = _parse_offer(op, cell)
+            self._offers[op.id] = self.parse_once(op, lambda o: _parse_offer(o, cell))
         elif op.kind == REQUEST:
-            self._requests[op.id] = _parse_request(op, cell)
+            self._requests[op.id] = self.parse_once(op, lambda o: _parse_request(o, cell))
         elif op.kind == CLAIM:
             offer = field_bytes(op.body, "offer")
             quantity = field_int(op.body, "quantity", 1, MAX_QUANTITY)

@@ -91,9 +91,15 @@ class Proposal:
     quorum: int  # percent of eligible voters
     expel: bytes | None  # the cell to expel, for an expulsion proposal
     original: Version
+    seats: Mapping[bytes, Circle] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.seats:
+            seats = {key: circle for circle in self.circles for key in circle.members}
+            object.__setattr__(self, "seats", seats)
 
     def circle_of(self, key: bytes) -> Circle | None:
-        return next((c for c in self.circles if key in c.members), None)
+        return self.seats.get(key)
 
     @property
     def eligible(self) -> int:
@@ -157,7 +163,6 @@ class Decisions(Record):
     def __init__(self, replica: Replica) -> None:
         super().__init__(replica)
         self._facts: dict[bytes, _Facts] = {}
-        self._validated: tuple[bytes, Proposal] | None = None  # parsed by validate, for apply
         self._validated_ballot: Ballot | None = None
         self._cuts: dict[bytes, frozenset[bytes]] = {}  # seal -> its causal past since opening
         self._tallying: set[bytes] = set()
@@ -167,7 +172,7 @@ class Decisions(Record):
     def validate(self, op: Op) -> None:
         self.replica.authority.require_member(op)
         if op.kind == OPEN:
-            self._validated = (op.id, self._parse_open(op))
+            self.parse_once(op, self._parse_open)
             return
         facts = self._facts_for(op)
         proposal = facts.proposal
@@ -329,8 +334,7 @@ class Decisions(Record):
 
     def apply(self, op: Op) -> None:
         if op.kind == OPEN:
-            validated, self._validated = self._validated, None
-            proposal = validated[1] if validated and validated[0] == op.id else self._parse_open(op)
+            proposal = self.parse_once(op, self._parse_open)
             self._facts[op.id] = _Facts(proposal)
             if proposal.expel is not None:
                 self.replica.authority.register_expulsion_proposal(
@@ -348,8 +352,7 @@ class Decisions(Record):
                 raise AssertionError("vote applied without being validated")
             facts.votes[op.id] = ballot
         elif op.kind == SEAL:
-            facts.seals.append(op.id)
-            self._cuts[op.id] = self.graph.past_since(op.id, self.graph[facts.proposal.id].ts)
+            facts.seals.append(op.id)  # its cut is worked out when first counted
 
     # -- queries ------------------------------------------------------------
 
@@ -418,13 +421,23 @@ class Decisions(Record):
         finally:
             self._tallying.discard(proposal)
 
+    def _cut(self, seal: bytes, proposal: Proposal) -> frozenset[bytes]:
+        """The seal's causal past since the proposal opened (computed once: a
+        seal's past never changes). Worked out when first needed, not at
+        ingest, where it cost a walk of the whole voting window per seal."""
+        cut = self._cuts.get(seal)
+        if cut is None:
+            cut = self.graph.past_since(seal, self.graph[proposal.id].ts)
+            self._cuts[seal] = cut
+        return cut
+
     def _count(self, facts: _Facts, now_ms: int | None, view: Op | None) -> Tally:
         proposal = facts.proposal
         seals = self.seals(proposal.id, view)
         # The cut is the union of the concurrent seals' causal pasts: a sealer
         # who backdates a seal to leave votes out cannot outvote the cut of an
         # honest seal made at the same time.
-        cut = frozenset().union(*(self._cuts[s] for s in seals)) if seals else None
+        cut = frozenset().union(*(self._cut(s, proposal) for s in seals)) if seals else None
         version = self._version_in_cut(facts, cut, view)
         authority = self.replica.authority
         late: list[bytes] = []

@@ -132,7 +132,7 @@ class Ledger(Record):
     def validate(self, op: Op) -> None:
         grant = self.replica.authority.require_member(op)
         if op.kind == ENTRY:
-            entry = _parse_entry(op, grant.cell)
+            entry = self.parse_once(op, lambda o: _parse_entry(o, grant.cell))
             for cell in entry.counterparties:
                 if cell == grant.cell:
                     raise RuleViolation("a cell cannot be its own counterparty")
@@ -141,7 +141,7 @@ class Ledger(Record):
                         f"counterparty {cell.hex()[:16]} is not a live cell of the federation"
                     )
         elif op.kind == CORRECT:
-            correction = _parse_correction(op, grant.cell)
+            correction = self.parse_once(op, lambda o: _parse_correction(o, grant.cell))
             corrected = self._entries.get(correction.entry)
             if corrected is None:
                 raise RuleViolation(
@@ -154,11 +154,11 @@ class Ledger(Record):
     def apply(self, op: Op) -> None:
         cell = self.replica.authority.author_grant(op).cell
         if op.kind == ENTRY:
-            entry = _parse_entry(op, cell)
+            entry = self.parse_once(op, lambda o: _parse_entry(o, cell))
             self._entries[op.id] = entry
             self._by_resource.setdefault(entry.resource, []).append(op.id)
         elif op.kind == CORRECT:
-            correction = _parse_correction(op, cell)
+            correction = self.parse_once(op, lambda o: _parse_correction(o, cell))
             self._corrections[op.id] = correction
             self._corrections_of.setdefault(correction.entry, []).append(op.id)
 

@@ -289,7 +289,7 @@ class Lots(Record):
             self._validate_close(op, grant)
 
     def _validate_open(self, op: Op) -> None:
-        lot = parse_open(op)
+        lot = self.parse_once(op, parse_open)
         authority = self.replica.authority
         live: dict[bytes, bool] = {}
         for key in lot.eligible:
@@ -373,7 +373,7 @@ class Lots(Record):
 
     def apply(self, op: Op) -> None:
         if op.kind == OPEN:
-            self._lots[op.id] = parse_open(op)
+            self._lots[op.id] = self.parse_once(op, parse_open)
         elif op.kind == COMMIT:
             lot = field_bytes(op.body, "lot")
             cell = self.replica.authority.author_grant(op).cell
