@@ -88,9 +88,14 @@ class Prune:
 
 @dataclass(frozen=True, slots=True)
 class Reconcile:
-    """One Negentropy protocol v1 message (its own binary format)."""
+    """One Negentropy protocol v1 message (its own binary format).
+
+    Both ends of a connection run their own reconciliation as the client and
+    pull what they lack; ``reply`` tells a server's answer (to our client)
+    from a query (from the peer's client) on the one stream."""
 
     payload: bytes
+    reply: bool = False
 
 
 # -- fetch ----------------------------------------------------------------------
@@ -105,7 +110,8 @@ class Want:
 
 @dataclass(frozen=True, slots=True)
 class Ops:
-    """Ops sent in answer to :class:`Want` or :class:`Graft` (signed bytes)."""
+    """Ops sent in answer to :class:`Want`, one Ops per Want, in order (signed
+    bytes). A :class:`Graft` is answered by a :class:`Push`."""
 
     ops: tuple[bytes, ...]
 

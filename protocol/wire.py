@@ -243,7 +243,9 @@ def _d_prune(c: _Cursor, lim: WireLimits) -> Prune:
 
 
 def _d_reconcile(c: _Cursor, lim: WireLimits) -> Reconcile:
-    return Reconcile(c.bin(1, lim.max_frame_bytes, "Reconcile.payload"))
+    return Reconcile(
+        c.bin(1, lim.max_frame_bytes, "Reconcile.payload"), c.boolean("Reconcile.reply")
+    )
 
 
 def _d_want(c: _Cursor, lim: WireLimits) -> Want:
@@ -379,7 +381,10 @@ def _e_prune(m: Prune, lim: WireLimits) -> list[Value]:
 
 
 def _e_reconcile(m: Reconcile, lim: WireLimits) -> list[Value]:
-    return [_e_bin(m.payload, 1, lim.max_frame_bytes, "Reconcile.payload")]
+    return [
+        _e_bin(m.payload, 1, lim.max_frame_bytes, "Reconcile.payload"),
+        _e_bool(m.reply, "Reconcile.reply"),
+    ]
 
 
 def _e_want(m: Want, lim: WireLimits) -> list[Value]:
@@ -449,7 +454,7 @@ _CODECS: dict[type[Message], _Codec] = {
     Graft: _codec(4, 1, _e_graft, _d_graft),
     Prune: _codec(5, 0, _e_prune, _d_prune),
     # pull
-    Reconcile: _codec(6, 1, _e_reconcile, _d_reconcile),
+    Reconcile: _codec(6, 2, _e_reconcile, _d_reconcile),
     # fetch
     Want: _codec(7, 1, _e_want, _d_want),
     Ops: _codec(8, 1, _e_ops_msg, _d_ops),

@@ -65,7 +65,7 @@ MESSAGES: dict[type[Message], st.SearchStrategy[Message]] = {
     IHave: st.builds(IHave, id_tuples),
     Graft: st.builds(Graft, id_tuples),
     Prune: st.just(Prune()),
-    Reconcile: st.builds(Reconcile, st.binary(min_size=1, max_size=200)),
+    Reconcile: st.builds(Reconcile, st.binary(min_size=1, max_size=200), st.booleans()),
     Want: st.builds(Want, id_tuples),
     Ops: st.builds(Ops, st.lists(op_bytes, max_size=6).map(tuple)),
     Join: st.builds(Join, peers),
@@ -260,7 +260,7 @@ def test_wrong_field_types() -> None:
     assert "Goodbye.reason" in refused(raw(1, b"bytes, not str"))
     assert "not valid UTF-8" in refused(bytes.fromhex("9201a2c328"))
     assert "an op in Ops.ops" in refused(raw(8, ["str op"]))
-    assert "Reconcile.payload is 0 bytes" in refused(raw(6, b""))
+    assert "Reconcile.payload is 0 bytes" in refused(raw(6, b"", False))
     assert "ForwardJoin.ttl is 256" in refused(raw(10, [FED, []], 256))
     assert "the id of Join.peer" in refused(raw(9, [FED[:5], []]))
     assert "Join.peer has 3 items" in refused(raw(9, [FED, [], 1]))
