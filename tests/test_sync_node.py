@@ -1,0 +1,180 @@
+"""Whole-node sync over the deterministic virtual network: push, pull, peer
+selection and the replica together, with partitions, crashes and forgeries."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from helpers import T0, cells_federation, device, key, member, pub
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from archipel.crdt import Op, Replica, encode
+from archipel.crdt.alerts import Alerts
+from archipel.protocol.messages import Push
+from archipel.protocol.wire import encode_message
+from archipel.simulations.network import Network
+
+AUTHORS = [member(c, n) for c in range(3) for n in (1, 2)]
+
+
+def peer_id(i: int) -> bytes:
+    return hashlib.blake2b(b"peer-%d" % i, digest_size=32).digest()
+
+
+def cluster(n: int, seed: int = 1, latency_ms: int = 20) -> tuple[Network, list[Replica], Op]:
+    """``n`` nodes of one federation, each joining through node 0."""
+    origin, genesis = cells_federation()
+    net = Network(random.Random(seed), T0, latency_ms=latency_ms)
+    replicas = [origin]
+    for _ in range(n - 1):
+        replica = Replica(genesis.federation)
+        replica.receive(genesis, T0)
+        replicas.append(replica)
+    for i, replica in enumerate(replicas):
+        net.add(peer_id(i), replica)
+    for i in range(1, n):
+        net.join(peer_id(i), peer_id(0))
+    net.run_for(2_000)
+    return net, replicas, genesis
+
+
+def write(net: Network, replicas: list[Replica], node: int, text: str) -> Op:
+    who = AUTHORS[node % len(AUTHORS)]
+    op = replicas[node].author(key(who), "note", {"text": text}, net.now_ms)
+    net.publish(peer_id(node), op)
+    return op
+
+
+def converged(replicas: list[Replica]) -> bool:
+    return len({r.state_hash() for r in replicas}) == 1
+
+
+def test_nodes_join_and_every_op_reaches_every_node() -> None:
+    net, replicas, _ = cluster(8)
+    for i in range(40):
+        write(net, replicas, i % 8, f"note {i}")
+        net.run_for(30)
+    net.run_for(3_000)
+    assert converged(replicas)
+    assert all(len(r.graph) == 41 for r in replicas)
+    for i in range(8):
+        node = net.node(peer_id(i))
+        assert 1 <= len(node.peers.active) <= node.peers.limits.active_size
+        assert node.counters.errors == []
+
+
+def test_divergent_replicas_reconcile_when_they_connect() -> None:
+    """Two nodes that wrote apart (no push between them) meet: each pulls what
+    it lacks through reconciliation."""
+    origin, genesis = cells_federation()
+    other = Replica(genesis.federation)
+    other.receive(genesis, T0)
+    for i in range(30):
+        origin.author(key(AUTHORS[0]), "note", {"text": f"a{i}"}, T0 + i)
+        other.author(key(AUTHORS[3]), "note", {"text": f"b{i}"}, T0 + i)
+    net = Network(random.Random(2), T0 + 100)
+    net.add(peer_id(0), origin)
+    net.add(peer_id(1), other)
+    net.join(peer_id(1), peer_id(0))
+    net.run_for(2_000)
+    assert converged([origin, other])
+    assert len(origin.graph) == 61
+    assert net.node(peer_id(0)).counters.reconciliations >= 1
+
+
+def test_partition_then_heal_converges() -> None:
+    net, replicas, _ = cluster(6, seed=3)
+    left, right = [peer_id(i) for i in range(3)], [peer_id(i) for i in range(3, 6)]
+    net.partition([left, right])
+    net.run_for(1_000)
+    for i in range(12):
+        write(net, replicas, i % 6, f"split {i}")
+        net.run_for(50)
+    net.run_for(2_000)
+    assert not converged(replicas)  # the halves really were apart
+    net.heal()
+    net.run_for(90_000)  # peer selection redials; reconciliation fills the gaps
+    assert converged(replicas)
+    assert all(len(r.graph) == 13 for r in replicas)
+
+
+def test_a_crashed_node_catches_up_after_restart() -> None:
+    net, replicas, _ = cluster(5, seed=4)
+    net.crash(peer_id(4))
+    for i in range(10):
+        write(net, replicas, i % 4, f"while down {i}")
+        net.run_for(40)
+    net.run_for(1_000)
+    assert len(replicas[4].graph) == 1
+    net.restart(peer_id(4), contact=peer_id(0))
+    net.run_for(5_000)
+    assert converged(replicas)
+
+
+def test_a_forged_op_is_refused_and_not_forwarded() -> None:
+    """A connected peer pushes an op whose signature does not verify: the
+    receiver refuses it, does not forward it, and counts it against the peer."""
+    net, replicas, genesis = cluster(4, seed=5)
+    honest = replicas[1].graph[genesis.id]
+    fields = [1, genesis.federation, pub(AUTHORS[1]), 1, (honest.id,), honest.ts + 1, "note"]
+    forged = encode([*fields, {"text": "forged"}, b"\x00" * 64])  # a signature of zeros
+    node0 = net.node(peer_id(0))
+    target = next(iter(node0.peers.active))
+    net.node(target).data_received(peer_id(0), encode_message(Push((forged,))), net.now_ms)
+    net.run_for(2_000)
+    assert net.node(target).counters.ops_invalid == 1
+    forged_id = hashlib.blake2b(forged, digest_size=32).digest()
+    assert all(forged_id not in r.graph for r in replicas)
+    assert all(
+        net.node(peer_id(i)).counters.ops_invalid == 0 for i in range(4) if peer_id(i) != target
+    )
+
+
+def test_an_alert_reaches_every_connected_peer_directly() -> None:
+    net, replicas, _ = cluster(6, seed=6)
+    body = {"text": "Police at the square", "area": "centre", "expires": net.now_ms + 3_600_000}
+    alert = replicas[2].author(key(device(1)), "alert.raise", body, net.now_ms)
+    net.publish(peer_id(2), alert)
+    net.run_for(500)
+    for replica in replicas:
+        assert [a.id for a in replica.record(Alerts).active(net.now_ms)] == [alert.id]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    n=st.integers(3, 7),
+    schedule=st.lists(
+        st.tuples(st.sampled_from(["write", "split", "heal", "crash", "wait"]), st.integers(0, 6)),
+        min_size=3,
+        max_size=12,
+    ),
+)
+def test_random_faults_then_heal_converge(
+    seed: int, n: int, schedule: list[tuple[str, int]]
+) -> None:
+    """Writes, partitions, crashes and restarts in any order; after a heal and
+    enough quiet time, every node holds every op any node acknowledged."""
+    net, replicas, _ = cluster(n, seed=seed)
+    down: set[int] = set()
+    written: set[bytes] = set()
+    for action, arg in schedule:
+        node = arg % n
+        if action == "write" and node not in down:
+            written.add(write(net, replicas, node, f"w{len(written)}").id)
+        elif action == "split":
+            net.partition([[peer_id(i) for i in range(n) if i % 2 == arg % 2]])
+        elif action == "heal":
+            net.heal()
+        elif action == "crash" and node != 0 and node not in down:
+            net.crash(peer_id(node))
+            down.add(node)
+        net.run_for(300)
+    net.heal()
+    for node in sorted(down):
+        net.restart(peer_id(node), contact=peer_id(0))
+    net.run_for(150_000)
+    assert converged(replicas)
+    assert all(written <= {op.id for op in r.graph.topological()} for r in replicas)
