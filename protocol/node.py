@@ -302,9 +302,14 @@ class SyncNode:
     # -- pull -------------------------------------------------------------------
 
     def _items(self) -> SortedItems:
+        """What we hold, for reconciliation: the last snapshot plus the ops
+        applied since; rebuilt whole if ops reached the replica another way
+        (a bundle import, a test)."""
         if self._fresh:
             self._store = self._store.with_items(self._fresh)
             self._fresh = []
+        if len(self._store) != len(self.replica.graph):
+            self._store = SortedItems.from_sorted(*_items_of(self.replica.graph.topological()))
         return self._store
 
     def _start_reconciliation(self, link: _Link, now_ms: int) -> None:
