@@ -127,3 +127,31 @@ def merge(*replicas: Replica, now_ms: int | None = None) -> None:
             replica.receive(op, now_ms)
     hashes = {r.state_hash() for r in replicas}
     assert len(hashes) == 1, "replicas hold different op sets after merging"
+
+
+LATE_MS = T0 + 30 * 24 * 3600 * 1000
+"""A delivery time late enough that no test op is held as future-dated."""
+
+
+def sync(source: Replica, target: Replica, now_ms: int = LATE_MS) -> None:
+    """``target`` receives everything ``source`` holds."""
+    for op in source.graph.topological():
+        target.receive(op, now_ms)
+
+
+def replica_of(genesis: Op, *sources: Replica) -> Replica:
+    """A new replica of ``genesis``'s federation holding everything ``sources``
+    hold (one side of a partition)."""
+    replica = Replica(genesis.federation)
+    replica.receive(genesis, T0)
+    for source in sources:
+        sync(source, replica)
+    return replica
+
+
+def deliver(genesis: Op, ops: Sequence[Op], now_ms: int = LATE_MS) -> Replica:
+    """A fresh replica that received ``ops`` in the given order."""
+    replica = Replica(genesis.federation)
+    for op in ops:
+        replica.receive(op, now_ms)
+    return replica

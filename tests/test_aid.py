@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import T0, cell, cells_federation, device, key, member, pub
-from hypothesis import given
+from helpers import T0, cell, cells_federation, deliver, device, key, member, pub, replica_of, sync
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archipel.crdt import DEFAULT_RECORDS, InvalidOp, Op, Replica, RuleViolation
+from archipel.crdt import InvalidOp, Op, Replica, RuleViolation
 from archipel.crdt.aid import (
     ALLOCATED,
     CANCELLED,
@@ -23,26 +23,7 @@ from archipel.crdt.aid import (
 )
 from archipel.crdt.genesis import DAY_MS
 
-RECORDS = (*DEFAULT_RECORDS, Aid)
 NORTH, SOUTH, EAST = 0, 1, 2
-
-
-def setup() -> tuple[Replica, Op]:
-    return cells_federation(records=RECORDS)
-
-
-def fork(genesis: Op, *sources: Replica) -> Replica:
-    """A new replica holding everything ``sources`` hold (one side of a partition)."""
-    replica = Replica(genesis.federation, records=RECORDS)
-    replica.receive(genesis, T0)
-    for source in sources:
-        sync(source, replica)
-    return replica
-
-
-def sync(source: Replica, target: Replica) -> None:
-    for op in source.graph.topological():
-        target.receive(op, T0 + 30 * DAY_MS)  # late enough that nothing is held
 
 
 def aid(replica: Replica) -> Aid:
@@ -92,7 +73,7 @@ def ids(items: Any) -> list[bytes]:
 
 
 def test_claims_are_allocated_in_order_and_the_overflow_waits() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     bread = offer(replica, quantity=3)
     first = claim(replica, member(SOUTH), bread, T0 + 20, quantity=2)
     second = claim(replica, member(EAST), bread, T0 + 30, quantity=2)
@@ -113,10 +94,10 @@ def test_claims_are_allocated_in_order_and_the_overflow_waits() -> None:
 def test_two_cells_claim_the_last_unit_during_a_partition() -> None:
     """Both sides allocate the last loaf to their own claimant; after the merge
     every replica allocates it to the same one and waitlists the other."""
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin, quantity=2)
     claim(origin, member(EAST, 2), bread, T0 + 15)  # takes the first loaf
-    south_side, east_side = fork(genesis, origin), fork(genesis, origin)
+    south_side, east_side = replica_of(genesis, origin), replica_of(genesis, origin)
     from_south = claim(south_side, member(SOUTH), bread, T0 + 20)
     from_east = claim(east_side, member(EAST), bread, T0 + 20)
     for side, mine in ((south_side, from_south), (east_side, from_east)):
@@ -126,7 +107,7 @@ def test_two_cells_claim_the_last_unit_during_a_partition() -> None:
         assert allocation.remaining == 0
     sync(south_side, east_side)
     sync(east_side, south_side)
-    late = fork(genesis, east_side)  # a third replica that only ever saw the merge
+    late = replica_of(genesis, east_side)  # a third replica that only ever saw the merge
     results = [aid(r).allocation(bread.id) for r in (south_side, east_side, late)]
     assert results[0] == results[1] == results[2]
     allocation = results[0]
@@ -139,9 +120,9 @@ def test_two_cells_claim_the_last_unit_during_a_partition() -> None:
 
 
 def test_a_fulfilled_claim_keeps_its_goods_when_an_earlier_claim_arrives_later() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin)
-    south_side, east_side = fork(genesis, origin), fork(genesis, origin)
+    south_side, east_side = replica_of(genesis, origin), replica_of(genesis, origin)
     early = claim(east_side, member(EAST), bread, T0 + 20)
     later = claim(south_side, member(SOUTH), bread, T0 + 30)
     handed = fulfil(south_side, member(NORTH), later, T0 + 40)
@@ -161,7 +142,7 @@ def test_a_fulfilled_claim_keeps_its_goods_when_an_earlier_claim_arrives_later()
 
 
 def test_a_fulfil_is_judged_by_the_allocation_in_its_causal_past() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     bread = offer(replica)
     first = claim(replica, member(SOUTH), bread, T0 + 20)
     second = claim(replica, member(EAST), bread, T0 + 30)
@@ -176,9 +157,9 @@ def test_concurrent_fulfils_beyond_the_quantity_are_reported_not_hidden() -> Non
     """North hands out its one loaf twice during a partition: both handovers
     happened, so both stay allocated, and the offer says it was overfulfilled;
     nothing unfulfilled is allocated on top."""
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     to_south = claim(one, member(SOUTH), bread, T0 + 20)
     fulfil(one, member(NORTH, 1), to_south, T0 + 30)
     to_east = claim(two, member(EAST), bread, T0 + 20)
@@ -199,10 +180,10 @@ def test_concurrent_fulfils_beyond_the_quantity_are_reported_not_hidden() -> Non
 
 
 def test_a_claim_concurrent_with_a_withdrawal_is_cancelled() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin, quantity=3)
     before = claim(origin, member(EAST), bread, T0 + 15)
-    north_side, south_side = fork(genesis, origin), fork(genesis, origin)
+    north_side, south_side = replica_of(genesis, origin), replica_of(genesis, origin)
     withdraw(north_side, member(NORTH, 2), bread, T0 + 20)
     during = claim(south_side, member(SOUTH), bread, T0 + 30)
     # On its own side the claim is allocated...
@@ -225,14 +206,14 @@ def test_a_claim_concurrent_with_a_withdrawal_is_cancelled() -> None:
 
 
 def test_a_fulfilled_claim_survives_a_concurrent_withdrawal() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin)
     taken = claim(origin, member(SOUTH), bread, T0 + 15)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     withdraw(one, member(NORTH, 1), bread, T0 + 20)
     # The claim is in the withdrawal's past, so it stands; a newer one would not.
     fulfil(two, member(NORTH, 2), taken, T0 + 20)
-    other = fork(genesis, origin)
+    other = replica_of(genesis, origin)
     concurrent = claim(other, member(EAST), bread, T0 + 16)
     sync(two, one)
     sync(other, one)
@@ -245,9 +226,9 @@ def test_a_fulfilled_claim_survives_a_concurrent_withdrawal() -> None:
 def test_remove_wins_unless_the_claim_was_already_fulfilled() -> None:
     """A claim concurrent with the withdrawal, fulfilled concurrently with it
     too (North's two members on two sides), keeps its goods."""
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin, quantity=2)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     withdraw(one, member(NORTH, 1), bread, T0 + 20)
     taken = claim(two, member(SOUTH), bread, T0 + 20)
     fulfil(two, member(NORTH, 2), taken, T0 + 30)
@@ -263,7 +244,7 @@ def test_remove_wins_unless_the_claim_was_already_fulfilled() -> None:
 
 
 def test_claims_after_expiry_or_withdrawal_are_refused() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     soon = offer(replica, until=T0 + 1000)
     claim(replica, member(SOUTH), soon, T0 + 1000)  # "until" is inclusive
     before = replica.state_hash()
@@ -282,7 +263,7 @@ def test_claims_after_expiry_or_withdrawal_are_refused() -> None:
 
 
 def test_open_offers_and_requests_follow_time_and_withdrawal() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     short = offer(replica, until=T0 + 500)
     long = offer(replica, member(EAST), until=T0 + 5000, now=T0 + 20)
     tarps = request(replica, needed_by=T0 + 800)
@@ -295,9 +276,9 @@ def test_open_offers_and_requests_follow_time_and_withdrawal() -> None:
 
 
 def test_claims_by_a_key_revoked_concurrently_do_not_count() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin)
-    cell_side, member_side = fork(genesis, origin), fork(genesis, origin)
+    cell_side, member_side = replica_of(genesis, origin), replica_of(genesis, origin)
     cell_side.author(key(member(SOUTH, 1)), "key.revoke", {"key": pub(member(SOUTH, 2))}, T0 + 20)
     rogue = claim(member_side, member(SOUTH, 2), bread, T0 + 20)
     honest = claim(cell_side, member(EAST), bread, T0 + 30)
@@ -327,9 +308,9 @@ def expel(replica: Replica, target: bytes, at: int) -> Op:
 
 
 def test_claims_and_offers_of_a_cell_expelled_concurrently_do_not_count() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     bread = offer(origin, until=T0 + 5 * DAY_MS)
-    east_side = fork(genesis, origin)
+    east_side = replica_of(genesis, origin)
     east_offer = offer(east_side, member(EAST), until=T0 + 5 * DAY_MS, now=T0 + 20)
     sync(east_side, origin)
     expel(origin, cell(genesis, EAST), T0 + 3 * DAY_MS)
@@ -352,8 +333,8 @@ def test_claims_and_offers_of_a_cell_expelled_concurrently_do_not_count() -> Non
 
 
 def test_an_offer_by_a_key_revoked_concurrently_does_not_count() -> None:
-    origin, genesis = setup()
-    cell_side, member_side = fork(genesis, origin), fork(genesis, origin)
+    origin, genesis = cells_federation()
+    cell_side, member_side = replica_of(genesis, origin), replica_of(genesis, origin)
     cell_side.author(key(member(NORTH, 1)), "key.revoke", {"key": pub(member(NORTH, 2))}, T0 + 20)
     rogue = offer(member_side, member(NORTH, 2), now=T0 + 20)
     taken = claim(member_side, member(SOUTH), rogue, T0 + 30)
@@ -371,7 +352,7 @@ def test_an_offer_by_a_key_revoked_concurrently_does_not_count() -> None:
 
 
 def test_who_may_do_what() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     bread = offer(replica)
     with pytest.raises(RuleViolation, match="own offer"):
         claim(replica, member(NORTH, 2), bread, T0 + 20)
@@ -396,7 +377,7 @@ def test_who_may_do_what() -> None:
 
 
 def test_pledges_cover_a_request_and_are_fulfilled_by_the_pledging_cell() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     tarps = request(replica, quantity=5)
     east = pledge(replica, member(EAST), tarps, T0 + 20, quantity=3)
     north = pledge(replica, member(NORTH), tarps, T0 + 30, quantity=4)
@@ -413,9 +394,9 @@ def test_pledges_cover_a_request_and_are_fulfilled_by_the_pledging_cell() -> Non
 
 
 def test_a_pledge_concurrent_with_the_requests_withdrawal_is_cancelled() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     tarps = request(origin, quantity=5)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     withdraw(one, member(SOUTH, 2), tarps, T0 + 20)
     late = pledge(two, member(EAST), tarps, T0 + 20, quantity=2)
     sync(two, one)
@@ -431,7 +412,7 @@ def test_a_pledge_concurrent_with_the_requests_withdrawal_is_cancelled() -> None
 
 
 def test_a_pledge_after_the_needed_by_time_is_refused() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     tarps = request(replica, needed_by=T0 + 100)
     pledge(replica, member(EAST), tarps, T0 + 100)
     with pytest.raises(RuleViolation, match="needed-by"):
@@ -496,7 +477,7 @@ BAD_REQUESTS = [
     *[("aid.request", body, why) for body, why in BAD_REQUESTS],
 ])  # fmt: skip
 def test_bad_offers_and_requests_are_refused(kind: str, body: dict[str, Any], why: str) -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     before = snapshot(replica)
     with pytest.raises(RuleViolation, match=why):
         replica.author(key(member(NORTH)), kind, body, T0 + 10)
@@ -504,7 +485,7 @@ def test_bad_offers_and_requests_are_refused(kind: str, body: dict[str, Any], wh
 
 
 def test_bad_claims_pledges_fulfils_and_withdrawals_are_refused() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     bread = offer(replica, quantity=2)
     tarps = request(replica, quantity=2)
     taken = claim(replica, member(SOUTH), bread, T0 + 20)
@@ -550,7 +531,7 @@ def test_bad_claims_pledges_fulfils_and_withdrawals_are_refused() -> None:
 
 def test_fulfil_of_an_expired_offers_allocated_claim_is_still_allowed() -> None:
     """Expiry stops new claims, not the handover of what was promised."""
-    replica, _ = setup()
+    replica, _ = cells_federation()
     bread = offer(replica, until=T0 + 100)
     taken = claim(replica, member(SOUTH), bread, T0 + 50)
     fulfil(replica, member(NORTH), taken, T0 + 5000)
@@ -579,8 +560,8 @@ def histories(draw: st.DrawFn) -> History:
     the first is concurrent with what the second does). Replicas often pull
     from one another. Attempts the rules refuse are skipped: the property is
     about valid histories."""
-    _, genesis = setup()
-    first = fork(genesis)
+    _, genesis = cells_federation()
+    first = replica_of(genesis)
     # Something to claim and pledge to from the start, seen by everyone.
     ops: list[Op] = [
         genesis,
@@ -588,7 +569,7 @@ def histories(draw: st.DrawFn) -> History:
         offer(first, member(SOUTH), quantity=1, until=T0 + 100, now=T0 + 11),
         request(first, member(EAST), quantity=2, needed_by=T0 + 200, now=T0 + 12),
     ]
-    replicas = [first, fork(genesis, first), fork(genesis, first)]
+    replicas = [first, replica_of(genesis, first), replica_of(genesis, first)]
     now = T0 + 12
     for _ in range(draw(st.integers(4, 16))):
         now += draw(st.integers(0, 40))
@@ -663,22 +644,15 @@ def outcome(replica: Replica) -> tuple[object, ...]:
     )
 
 
-def deliver(history: History, order: list[Op]) -> Replica:
-    replica = Replica(history.genesis.federation, records=RECORDS)
-    for op in order:
-        replica.receive(op, T0 + 10**6)
-    return replica
-
-
 @given(data=st.data(), history=histories())
 def test_any_order_with_duplicates_gives_one_aid_state(
     data: st.DataObject, history: History
 ) -> None:
-    reference = deliver(history, sorted(history.ops, key=lambda op: (op.ts, op.id)))
+    reference = deliver(history.genesis, sorted(history.ops, key=lambda op: (op.ts, op.id)))
     assert len(reference.graph) == len(history.ops)
     duplicates = data.draw(st.lists(st.sampled_from(history.ops), max_size=6))
     order = data.draw(st.permutations(history.ops + duplicates))
-    assert outcome(deliver(history, order)) == outcome(reference)
+    assert outcome(deliver(history.genesis, order)) == outcome(reference)
     for op in history.ops:
         allocation = aid(reference).allocation(op.id)
         if allocation is None or not allocation.counts:
@@ -695,9 +669,11 @@ def test_aid_histories_do_produce_contention() -> None:
     """Guard: the generator must build the cases the property is about."""
     seen: set[str] = set()
 
+    # A fixed sample (derandomized): a guard that passes only by luck would be flaky.
+    @settings(derandomize=True, max_examples=200)
     @given(history=histories())
     def look(history: History) -> None:
-        replica = deliver(history, history.ops)
+        replica = deliver(history.genesis, history.ops)
         records = aid(replica)
         if len(replica.heads()) > 1:
             seen.add("concurrent")

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import T0, cell, cells_federation, device, key, member, pub
-from hypothesis import given
+from helpers import T0, cell, cells_federation, deliver, device, key, member, pub, replica_of, sync
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archipel.crdt import DEFAULT_RECORDS, InvalidOp, Op, Replica, RuleViolation
+from archipel.crdt import InvalidOp, Op, Replica, RuleViolation
 from archipel.crdt.alerts import (
     ACTIVE,
     EXPIRED,
@@ -21,26 +21,8 @@ from archipel.crdt.alerts import (
     Alerts,
 )
 
-RECORDS = (*DEFAULT_RECORDS, Alerts)
 NORTH, SOUTH, EAST = 0, 1, 2
 HOUR_MS = 3600 * 1000
-
-
-def setup() -> tuple[Replica, Op]:
-    return cells_federation(records=RECORDS)
-
-
-def fork(genesis: Op, *sources: Replica) -> Replica:
-    replica = Replica(genesis.federation, records=RECORDS)
-    replica.receive(genesis, T0)
-    for source in sources:
-        sync(source, replica)
-    return replica
-
-
-def sync(source: Replica, target: Replica) -> None:
-    for op in source.graph.topological():
-        target.receive(op, T0 + 10**6)
 
 
 def alerts(replica: Replica) -> Alerts:
@@ -66,7 +48,7 @@ def test_urgent_kinds_name_the_alert_ops() -> None:
 
 
 def test_alerts_are_shown_newest_first_until_they_expire() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     raid = raise_alert(replica, member(NORTH), T0 + 10, T0 + HOUR_MS)
     arrest = raise_alert(replica, member(SOUTH), T0 + 20, T0 + 2 * HOUR_MS, "arrest at the march")
     records = alerts(replica)
@@ -83,7 +65,7 @@ def test_alerts_are_shown_newest_first_until_they_expire() -> None:
 
 
 def test_a_device_may_raise_an_alert_as_a_panic_button() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     panic = raise_alert(replica, device(EAST), T0 + 10, T0 + HOUR_MS, "panic button pressed")
     shown = alerts(replica).alert(panic.id)
     assert shown is not None
@@ -99,7 +81,7 @@ def test_a_device_may_raise_an_alert_as_a_panic_button() -> None:
 
 
 def test_withdrawals_must_come_in_time_and_once() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     raid = raise_alert(replica, member(NORTH), T0 + 10, T0 + 100)
     with pytest.raises(RuleViolation, match="already expired"):
         withdraw(replica, member(NORTH), raid, T0 + 100)
@@ -112,9 +94,9 @@ def test_withdrawals_must_come_in_time_and_once() -> None:
 
 
 def test_a_withdrawal_on_one_side_hides_the_alert_everywhere_after_merge() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     raid = raise_alert(origin, device(NORTH), T0 + 10, T0 + HOUR_MS)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     withdraw(one, member(NORTH, 1), raid, T0 + 20)
     withdraw(two, member(NORTH, 2), raid, T0 + 20)  # both call it off at once: fine
     later = raise_alert(two, member(SOUTH), T0 + 30, T0 + HOUR_MS)
@@ -127,9 +109,9 @@ def test_a_withdrawal_on_one_side_hides_the_alert_everywhere_after_merge() -> No
 
 
 def test_alerts_and_withdrawals_by_keys_revoked_concurrently_do_not_count() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     real = raise_alert(origin, member(NORTH, 1), T0 + 10, T0 + HOUR_MS)
-    cell_side, member_side = fork(genesis, origin), fork(genesis, origin)
+    cell_side, member_side = replica_of(genesis, origin), replica_of(genesis, origin)
     cell_side.author(key(member(NORTH, 1)), "key.revoke", {"key": pub(member(NORTH, 2))}, T0 + 20)
     fake = raise_alert(member_side, member(NORTH, 2), T0 + 20, T0 + HOUR_MS, "false alarm bait")
     withdraw(member_side, member(NORTH, 2), real, T0 + 30)
@@ -163,7 +145,7 @@ def without(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_bad_alerts_and_withdrawals_are_refused() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     raid = raise_alert(replica, member(NORTH), T0 + 10, T0 + HOUR_MS)
     note = replica.author(key(member(NORTH)), "note", {"text": "hi"}, T0 + 15)
     cases: list[tuple[str, dict[str, Any], str]] = [
@@ -212,8 +194,8 @@ def histories(draw: st.DrawFn) -> History:
     replica, the second member on the next one (so a revocation is concurrent
     with what they do). Replicas often pull from one another; refused attempts
     are skipped."""
-    _, genesis = setup()
-    replicas = [fork(genesis) for _ in range(3)]
+    _, genesis = cells_federation()
+    replicas = [replica_of(genesis) for _ in range(3)]
     ops: list[Op] = [genesis]
     now = T0
     for _ in range(draw(st.integers(2, 12))):
@@ -253,31 +235,26 @@ def outcome(replica: Replica) -> tuple[object, ...]:
     )
 
 
-def deliver(history: History, order: list[Op]) -> Replica:
-    replica = Replica(history.genesis.federation, records=RECORDS)
-    for op in order:
-        replica.receive(op, T0 + 10**6)
-    return replica
-
-
 @given(data=st.data(), history=histories())
 def test_any_order_with_duplicates_gives_one_set_of_alerts(
     data: st.DataObject, history: History
 ) -> None:
-    reference = deliver(history, sorted(history.ops, key=lambda op: (op.ts, op.id)))
+    reference = deliver(history.genesis, sorted(history.ops, key=lambda op: (op.ts, op.id)))
     assert len(reference.graph) == len(history.ops)
     duplicates = data.draw(st.lists(st.sampled_from(history.ops), max_size=6))
     order = data.draw(st.permutations(history.ops + duplicates))
-    assert outcome(deliver(history, order)) == outcome(reference)
+    assert outcome(deliver(history.genesis, order)) == outcome(reference)
 
 
 def test_alert_histories_do_produce_withdrawals_and_void_alerts() -> None:
     """Guard: the generator must build the cases the property is about."""
     seen: set[str] = set()
 
+    # A fixed sample (derandomized): a guard that passes only by luck would be flaky.
+    @settings(derandomize=True, max_examples=200)
     @given(history=histories())
     def look(history: History) -> None:
-        replica = deliver(history, history.ops)
+        replica = deliver(history.genesis, history.ops)
         if len(replica.heads()) > 1:
             seen.add("concurrent")
         seen.update(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from helpers import T0, federation, key
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archipel.crdt import Notes, Op, Replica
@@ -89,6 +89,8 @@ def test_histories_do_produce_concurrency_and_equivocation() -> None:
     would then prove little)."""
     seen = {"concurrent": False, "equivocation": False}
 
+    # A fixed sample (derandomized): a guard that passes only by luck would be flaky.
+    @settings(derandomize=True, max_examples=200)
     @given(history=histories())
     def look(history: History) -> None:
         replica = deliver(history, history.ops, False)

@@ -6,32 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import T0, cell, cells_federation, device, key, member, pub
-from hypothesis import given
+from helpers import T0, cell, cells_federation, deliver, device, key, member, pub, replica_of, sync
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archipel.crdt import DEFAULT_RECORDS, InvalidOp, Op, Replica, RuleViolation, cell_id
+from archipel.crdt import InvalidOp, Op, Replica, RuleViolation, cell_id
 from archipel.crdt.ledger import MAX_COUNTERPARTIES, MAX_QUANTITY, Balance, Ledger
 
-RECORDS = (*DEFAULT_RECORDS, Ledger)
 NORTH, SOUTH, EAST = 0, 1, 2
-
-
-def setup() -> tuple[Replica, Op]:
-    return cells_federation(records=RECORDS)
-
-
-def fork(genesis: Op, *sources: Replica) -> Replica:
-    replica = Replica(genesis.federation, records=RECORDS)
-    replica.receive(genesis, T0)
-    for source in sources:
-        sync(source, replica)
-    return replica
-
-
-def sync(source: Replica, target: Replica) -> None:
-    for op in source.graph.topological():
-        target.receive(op, T0 + 10**6)
 
 
 def ledger(replica: Replica) -> Ledger:
@@ -55,7 +37,7 @@ def correct(replica: Replica, who: int, target: Op, quantity: int, now: int) -> 
 
 
 def test_balances_are_contributions_plus_gifts_returned_minus_uses() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     north, south = cell(genesis, NORTH), cell(genesis, SOUTH)
     entry(replica, member(NORTH), "contribution", 10, T0 + 10, counterparties=(south,))
     entry(replica, member(NORTH, 2), "use", 4, T0 + 20)
@@ -76,7 +58,7 @@ def test_balances_are_contributions_plus_gifts_returned_minus_uses() -> None:
 
 
 def test_counterparties_must_be_other_live_cells_in_the_entrys_past() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     with pytest.raises(RuleViolation, match="its own counterparty"):
         entry(replica, member(NORTH), "use", 1, T0 + 10, counterparties=(cell(genesis, NORTH),))
     with pytest.raises(RuleViolation, match="not a live cell"):
@@ -96,7 +78,7 @@ def test_counterparties_must_be_other_live_cells_in_the_entrys_past() -> None:
 
 
 def test_a_correction_states_the_right_quantity_and_a_later_one_supersedes_it() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     north = cell(genesis, NORTH)
     wrong = entry(replica, member(NORTH), "contribution", 10, T0 + 10)
     entry(replica, member(NORTH), "contribution", 5, T0 + 15)
@@ -114,7 +96,7 @@ def test_a_correction_states_the_right_quantity_and_a_later_one_supersedes_it() 
 
 
 def test_only_the_entrys_cell_corrects_it_and_only_entries_are_corrected() -> None:
-    replica, _ = setup()
+    replica, _ = cells_federation()
     made = entry(replica, member(NORTH), "use", 3, T0 + 10)
     fix = correct(replica, member(NORTH), made, 2, T0 + 20)
     before = replica.state_hash()
@@ -130,10 +112,10 @@ def test_only_the_entrys_cell_corrects_it_and_only_entries_are_corrected() -> No
 
 
 def test_two_members_fixing_the_same_mistake_in_a_partition_fix_it_once() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     north = cell(genesis, NORTH)
     wrong = entry(origin, member(NORTH), "contribution", 10, T0 + 10)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     correct(one, member(NORTH, 1), wrong, 7, T0 + 20)
     correct(two, member(NORTH, 2), wrong, 7, T0 + 20)
     sync(one, two)
@@ -147,10 +129,10 @@ def test_two_members_fixing_the_same_mistake_in_a_partition_fix_it_once() -> Non
 
 
 def test_conflicting_corrections_are_flagged_until_a_later_one_settles_them() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     north = cell(genesis, NORTH)
     wrong = entry(origin, member(NORTH), "use", 10, T0 + 10)
-    one, two = fork(genesis, origin), fork(genesis, origin)
+    one, two = replica_of(genesis, origin), replica_of(genesis, origin)
     low = correct(one, member(NORTH, 1), wrong, 6, T0 + 20)
     high = correct(two, member(NORTH, 2), wrong, 9, T0 + 20)
     sync(one, two)
@@ -173,10 +155,10 @@ def test_conflicting_corrections_are_flagged_until_a_later_one_settles_them() ->
 
 
 def test_entries_and_corrections_by_a_key_revoked_concurrently_do_not_count() -> None:
-    origin, genesis = setup()
+    origin, genesis = cells_federation()
     north = cell(genesis, NORTH)
     kept = entry(origin, member(NORTH, 1), "contribution", 5, T0 + 10)
-    cell_side, member_side = fork(genesis, origin), fork(genesis, origin)
+    cell_side, member_side = replica_of(genesis, origin), replica_of(genesis, origin)
     cell_side.author(key(member(NORTH, 1)), "key.revoke", {"key": pub(member(NORTH, 2))}, T0 + 20)
     rogue = entry(member_side, member(NORTH, 2), "use", 50, T0 + 20)
     correct(member_side, member(NORTH, 2), kept, 500, T0 + 30)
@@ -213,7 +195,7 @@ def without(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_bad_entries_and_corrections_are_refused() -> None:
-    replica, genesis = setup()
+    replica, genesis = cells_federation()
     made = entry(replica, member(NORTH), "use", 3, T0 + 10)
     note = replica.author(key(member(NORTH)), "note", {"text": "hi"}, T0 + 15)
     south, east = cell(genesis, SOUTH), cell(genesis, EAST)
@@ -275,11 +257,11 @@ def histories(draw: st.DrawFn) -> History:
     """Three replicas; each cell's first member works on their cell's replica,
     the second on the next one (so a revocation is concurrent with their
     entries). Replicas often pull from one another; refused attempts are skipped."""
-    _, genesis = setup()
-    first = fork(genesis)
+    _, genesis = cells_federation()
+    first = replica_of(genesis)
     # One entry per cell, seen by everyone, for corrections to contend over.
     ops = [genesis, *(entry(first, member(i), "use", 3, T0 + 10 + i) for i in range(3))]
-    replicas = [first, fork(genesis, first), fork(genesis, first)]
+    replicas = [first, replica_of(genesis, first), replica_of(genesis, first)]
     now = T0 + 12
     for _ in range(draw(st.integers(2, 10))):
         now += draw(st.integers(0, 30))
@@ -324,29 +306,24 @@ def outcome(replica: Replica) -> tuple[object, ...]:
     return (snapshot(replica), records.entries("tools"), [b.balance for b in records.balances()])
 
 
-def deliver(history: History, order: list[Op]) -> Replica:
-    replica = Replica(history.genesis.federation, records=RECORDS)
-    for op in order:
-        replica.receive(op, T0 + 10**6)
-    return replica
-
-
 @given(data=st.data(), history=histories())
 def test_any_order_with_duplicates_gives_one_ledger(data: st.DataObject, history: History) -> None:
-    reference = deliver(history, sorted(history.ops, key=lambda op: (op.ts, op.id)))
+    reference = deliver(history.genesis, sorted(history.ops, key=lambda op: (op.ts, op.id)))
     assert len(reference.graph) == len(history.ops)
     duplicates = data.draw(st.lists(st.sampled_from(history.ops), max_size=6))
     order = data.draw(st.permutations(history.ops + duplicates))
-    assert outcome(deliver(history, order)) == outcome(reference)
+    assert outcome(deliver(history.genesis, order)) == outcome(reference)
 
 
 def test_ledger_histories_do_produce_corrections_and_discounted_entries() -> None:
     """Guard: the generator must build the cases the property is about."""
     seen: set[str] = set()
 
+    # A fixed sample (derandomized): a guard that passes only by luck would be flaky.
+    @settings(derandomize=True, max_examples=200)
     @given(history=histories())
     def look(history: History) -> None:
-        replica = deliver(history, history.ops)
+        replica = deliver(history.genesis, history.ops)
         if len(replica.heads()) > 1:
             seen.add("concurrent")
         for op in history.ops:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 from helpers import T0, cell, cells_federation, device, fork, key, member, merge, pub
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archipel.crdt import DEFAULT_RECORDS, Op, Record, Replica, RuleViolation
@@ -654,6 +654,8 @@ def test_histories_do_reach_every_outcome() -> None:
     never builds concurrent closes (the property would then prove little)."""
     seen: set[str] = set()
 
+    # A fixed sample (derandomized): a guard that passes only by luck would be flaky.
+    @settings(derandomize=True, max_examples=200)
     @given(history=histories())
     def look(history: History) -> None:
         replica = deliver(history, history.ops)
