@@ -90,21 +90,38 @@ def field_str(
     return value
 
 
+def field_ids(
+    body: Mapping[str, Value],
+    name: str,
+    *,
+    noun: str,
+    min_count: int = 1,
+    max_count: int = 256,
+    optional: bool = False,
+) -> tuple[bytes, ...]:
+    """The field ``name``: a sorted array of distinct 32-byte values (keys, cell
+    ids); ``noun`` names them in errors. An optional field may be absent."""
+    if optional and name not in body:
+        return ()
+    value = body.get(name)
+    if not isinstance(value, tuple) or not min_count <= len(value) <= max_count:
+        count = f"at most {max_count}" if min_count == 0 else f"{min_count} to {max_count}"
+        raise RuleViolation(f"field {name!r} must be an array of {count} {noun}")
+    previous = b""
+    for item in value:
+        if not isinstance(item, bytes) or len(item) != 32:
+            raise RuleViolation(f"field {name!r} must hold 32-byte {noun}")
+        if item <= previous:
+            raise RuleViolation(f"field {name!r} must be sorted without repeats")
+        previous = item
+    return value
+
+
 def field_keys(
     body: Mapping[str, Value], name: str, *, min_count: int = 1, max_count: int = 256
 ) -> tuple[bytes, ...]:
     """The field ``name``: a sorted array of distinct 32-byte public keys."""
-    value = body.get(name)
-    if not isinstance(value, tuple) or not min_count <= len(value) <= max_count:
-        raise RuleViolation(f"field {name!r} must be an array of {min_count} to {max_count} keys")
-    previous = b""
-    for key in value:
-        if not isinstance(key, bytes) or len(key) != 32:
-            raise RuleViolation(f"field {name!r} must hold 32-byte public keys")
-        if key <= previous:
-            raise RuleViolation(f"field {name!r} must be sorted without repeats")
-        previous = key
-    return value
+    return field_ids(body, name, noun="public keys", min_count=min_count, max_count=max_count)
 
 
 def only_fields(body: Mapping[str, Value], allowed: frozenset[str]) -> None:

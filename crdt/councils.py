@@ -33,7 +33,7 @@ from ._canonical import Value
 from ._errors import RuleViolation
 from ._hlc import ts_ms
 from ._op import Op
-from ._record import Record, field_bytes, field_int, field_str, only_fields
+from ._record import Record, field_bytes, field_ids, field_int, field_str, only_fields
 from .mandates import (
     CONCURRENT_WITH_DISSOLUTION,
     LIVE,
@@ -117,17 +117,7 @@ class CouncilSummary:
 
 def _field_cells(body: Mapping[str, Value]) -> tuple[bytes, ...]:
     """The field 'cells': 2 to MAX_CELLS cell ids, sorted, without repeats."""
-    value = body.get("cells")
-    if not isinstance(value, tuple) or not 2 <= len(value) <= MAX_CELLS:
-        raise RuleViolation(f"field 'cells' must be an array of 2 to {MAX_CELLS} cell ids")
-    previous = b""
-    for cell in value:
-        if not isinstance(cell, bytes) or len(cell) != 32:
-            raise RuleViolation("field 'cells' must hold 32-byte cell ids")
-        if cell <= previous:
-            raise RuleViolation("field 'cells' must be sorted without repeats")
-        previous = cell
-    return tuple(bytes(c) for c in value if isinstance(c, bytes))
+    return field_ids(body, "cells", noun="cell ids", min_count=2, max_count=MAX_CELLS)
 
 
 class Councils(Record):

@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, TypeVar
 from ._canonical import Value
 from ._errors import RuleViolation
 from ._op import Op
-from ._record import Record, field_bytes, field_choice, field_int, field_str, only_fields
+from ._record import (
+    Record,
+    field_bytes,
+    field_choice,
+    field_ids,
+    field_int,
+    field_str,
+    only_fields,
+)
 
 if TYPE_CHECKING:
     from ._replica import Replica
@@ -228,19 +236,10 @@ def _oldest(items: Iterable[_T]) -> list[_T]:
 
 def _counterparties(body: Mapping[str, Value]) -> tuple[bytes, ...]:
     """The optional field 'counterparties': sorted distinct 32-byte cell ids."""
-    value = body.get("counterparties", ())
-    if not isinstance(value, tuple) or len(value) > MAX_COUNTERPARTIES:
-        raise RuleViolation(
-            f"field 'counterparties' must be an array of at most {MAX_COUNTERPARTIES} cell ids"
-        )
-    previous = b""
-    for cell in value:
-        if not isinstance(cell, bytes) or len(cell) != 32:
-            raise RuleViolation("field 'counterparties' must hold 32-byte cell ids")
-        if cell <= previous:
-            raise RuleViolation("field 'counterparties' must be sorted without repeats")
-        previous = cell
-    return value
+    return field_ids(
+        body, "counterparties", noun="cell ids", min_count=0, max_count=MAX_COUNTERPARTIES,
+        optional=True,
+    )  # fmt: skip
 
 
 def _note(body: Mapping[str, Value]) -> str:
