@@ -131,6 +131,7 @@ class SyncCounters:
     ops_dropped_full: int = 0
     reconciliations: int = 0
     sessions_closed: int = 0
+    duplicate_connections: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -197,9 +198,12 @@ class SyncNode:
             self.peers.add_known(picks)
 
     def connection_made(self, peer: PeerId, now_ms: int, *, initiator: bool) -> None:
-        """A connection with ``peer`` is up (we dialled it, or it dialled us)."""
+        """A connection with ``peer`` is up (we dialled it, or it dialled us).
+
+        The driver keeps one connection per peer (connections are named by
+        peer id); a second one reported anyway is ignored, and counted."""
         if peer in self._links:
-            self._hangup(peer, "a second connection with the same peer", now_ms)
+            self.counters.duplicate_connections += 1
             return
         session = SyncSession(self.replica.federation, self._get, now_ms)
         self._links[peer] = _Link(session, initiator)

@@ -178,3 +178,15 @@ def test_random_faults_then_heal_converge(
     net.run_for(150_000)
     assert converged(replicas)
     assert all(written <= {op.id for op in r.graph.topological()} for r in replicas)
+
+
+def test_a_second_connection_with_a_peer_keeps_the_first_session() -> None:
+    net, replicas, _ = cluster(3, seed=8)
+    node = net.node(peer_id(0))
+    established = next(iter(node.peers.active))
+    node.connection_made(established, net.now_ms, initiator=False)
+    assert node.counters.duplicate_connections == 1
+    assert not [a for a in node.actions() if getattr(a, "peer", None) == established]
+    write(net, replicas, 1, "still flowing")
+    net.run_for(2_000)
+    assert converged(replicas)
