@@ -231,8 +231,11 @@ class SyncNode:
                 break
             try:
                 self._on_event(peer, link, event, now_ms)
-            except RemoteProtocolError as exc:
-                link.session.close(f"protocol error: {exc.reason}", now_ms)
+            except ProtocolError as exc:
+                # The peer broke the protocol (or, for a LocalProtocolError, we
+                # mishandled its message): either way only this session closes.
+                if not link.session.closed:
+                    link.session.close(f"protocol error: {exc.reason}", now_ms)
                 self._fail(peer, exc.reason, now_ms)
                 break
         self._flush(peer)
