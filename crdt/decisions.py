@@ -19,13 +19,19 @@ was amended after (the author amended concurrently with the vote) is *void*:
 the voter did not see the text being decided. Remove wins here too: the vote
 of a key revoked concurrently with it does not count, even after the seal.
 
-A proposal may carry an action; ``{"expel": cell_id}`` expels a cell when its
-sealed tally passes (yes beats no, quorum met). The authority record asks this
-module which seals expel which cells.
+A proposal may carry an action, decided by a single-choice ballot on
+("yes", "no") that passes when sealed, yes beats no and the quorum is met.
+``{"expel": cell_id}`` expels a cell: the authority record asks this module
+which seals expel which cells. ``{"mandate": key, "acts": [...]}`` decides to
+give that member a mandate for those kinds of act, with the proposal's text
+as instructions: a member of a *deciding cell* (a cell of a member sitting in
+the circles) then signs the ``mandate.grant`` naming the proposal, and the
+mandates record asks :meth:`Decisions.mandate_terms` whether it may.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -62,6 +68,21 @@ _OPEN_FIELDS = frozenset(
     {"title", "text", "options", "ballot", "circles", "window_ms", "quorum", "action"}
 )
 _TEXT_FIELDS = ("title", "text", "options")
+MAX_ACTS = 16
+_ACT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+
+
+def field_acts(body: Mapping[str, Value]) -> tuple[str, ...]:
+    """The field 'acts': distinct names of the kinds of act a mandate covers."""
+    value = body.get("acts")
+    if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_ACTS:
+        raise RuleViolation(f"field 'acts' must be an array of 1 to {MAX_ACTS} kinds of act")
+    for act in value:
+        if not isinstance(act, str) or not _ACT_NAME.fullmatch(act):
+            raise RuleViolation("field 'acts' must hold names like 'sign' (a-z0-9_-, 1-40)")
+    if len(set(value)) != len(value):
+        raise RuleViolation("field 'acts' must not repeat a kind of act")
+    return tuple(str(act) for act in value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +112,8 @@ class Proposal:
     quorum: int  # percent of eligible voters
     expel: bytes | None  # the cell to expel, for an expulsion proposal
     original: Version
+    delegate: bytes | None = None  # the member to mandate, for a mandate proposal
+    acts: tuple[str, ...] = ()  # mandate proposals: the kinds of act it covers
     seats: Mapping[bytes, Circle] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +127,22 @@ class Proposal:
     @property
     def eligible(self) -> int:
         return sum(len(c.members) for c in self.circles)
+
+    @property
+    def yes_no(self) -> bool:
+        """Whether the proposal carries an action (decided by yes beating no)."""
+        return self.expel is not None or self.delegate is not None
+
+
+@dataclass(frozen=True, slots=True)
+class MandateTerms:
+    """What a passed mandate proposal decided, as seen from a grant."""
+
+    proposal: bytes
+    delegate: bytes
+    acts: tuple[str, ...]
+    instructions: str  # the decided text
+    cells: tuple[bytes, ...]  # the deciding cells, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +243,14 @@ class Decisions(Record):
                            default=params.vote_window_ms)  # fmt: skip
         ballot = field_choice(body, "ballot", (SINGLE, APPROVAL))
         options = field_strs(body, "options", min_count=2, max_count=20)
-        expel = None
-        if "action" in body:
-            action = field_map(body, "action")
-            only_fields(action, frozenset({"expel"}))
-            expel = field_bytes(action, "expel")
-            if not self.replica.authority.cell_is_live(expel, op):
-                raise RuleViolation("the cell to expel is not a live cell of the federation")
-            if options != ("yes", "no") or ballot != SINGLE:
-                raise RuleViolation("an expulsion is a single-choice ballot on ('yes', 'no')")
+        expel, delegate, acts = self._parse_action(body, op)
+        if (expel is not None or delegate is not None) and (
+            options != ("yes", "no") or ballot != SINGLE
+        ):
+            raise RuleViolation("an action is decided by a single-choice ballot on ('yes', 'no')")
+        text = field_str(body, "text", max_len=20_000) if "text" in body else ""
+        if delegate is not None and not text:
+            raise RuleViolation("a mandate proposal needs a 'text': the delegate's instructions")
         return Proposal(
             id=op.id,
             author=op.author,
@@ -223,12 +261,33 @@ class Decisions(Record):
             quorum=field_int(body, "quorum", 0, 100, default=0),
             expel=expel,
             original=Version(
-                op.id,
-                field_str(body, "title", min_len=1, max_len=200),
-                field_str(body, "text", max_len=20_000) if "text" in body else "",
-                options,
+                op.id, field_str(body, "title", min_len=1, max_len=200), text, options
             ),
+            delegate=delegate,
+            acts=acts,
         )
+
+    def _parse_action(
+        self, body: Mapping[str, Value], op: Op
+    ) -> tuple[bytes | None, bytes | None, tuple[str, ...]]:
+        """The action: (cell to expel, None, ()) or (None, delegate, acts)."""
+        if "action" not in body:
+            return None, None, ()
+        action = field_map(body, "action")
+        authority = self.replica.authority
+        only_fields(action, frozenset({"expel", "mandate", "acts"}))
+        if "expel" in action:
+            only_fields(action, frozenset({"expel"}))
+            expel = field_bytes(action, "expel")
+            if not authority.cell_is_live(expel, op):
+                raise RuleViolation("the cell to expel is not a live cell of the federation")
+            return expel, None, ()
+        if "mandate" not in action:
+            raise RuleViolation("an action is {'expel': cell} or {'mandate': key, 'acts': [...]}")
+        delegate = field_bytes(action, "mandate")
+        if not authority.is_live_member(delegate, op):
+            raise RuleViolation("the delegate must be a member (a person) of a live cell")
+        return None, delegate, field_acts(action)
 
     def _parse_circles(self, body: Mapping[str, Value], op: Op) -> tuple[Circle, ...]:
         raw = body.get("circles")
@@ -262,8 +321,10 @@ class Decisions(Record):
         only_fields(op.body, frozenset({"proposal", *_TEXT_FIELDS}))
         if not any(name in op.body for name in _TEXT_FIELDS):
             raise RuleViolation("an amendment changes the title, the text or the options")
-        if "options" in op.body and facts.proposal.expel is not None:
-            raise RuleViolation("the options of an expulsion cannot change")
+        if "options" in op.body and facts.proposal.yes_no:
+            raise RuleViolation("the options of a proposal with an action cannot change")
+        if facts.proposal.delegate is not None and op.body.get("text", "-") == "":
+            raise RuleViolation("a mandate proposal needs a 'text': the delegate's instructions")
         self._amended_version(op, self._version_in_view(facts, op))
 
     def _check_vote(self, op: Op, facts: _Facts) -> None:
@@ -410,6 +471,38 @@ class Decisions(Record):
         finally:
             self._tallying.discard(proposal)
 
+    def deciding_cells(self, proposal: bytes) -> tuple[bytes, ...]:
+        """The cells of the members sitting in the proposal's circles, sorted
+        (judged in the proposal's causal past, where each was a live member)."""
+        authority, opened = self.replica.authority, self.graph[proposal]
+        cells = set()
+        for key in self._facts[proposal].proposal.seats:
+            grant = authority.grant_in_view(key, opened)
+            assert grant is not None  # validated: a live member when it opened
+            cells.add(grant.cell)
+        return tuple(sorted(cells))
+
+    def mandate_terms(self, proposal: bytes, view: Op | None = None) -> MandateTerms:
+        """What mandate proposal ``proposal`` decided, seen from ``view``; raises
+        :class:`RuleViolation` unless it is a mandate proposal, sealed and passed."""
+        facts = self._facts.get(proposal)
+        if facts is None:
+            raise RuleViolation("field 'decision' must name a proposal.open op")
+        if facts.proposal.delegate is None:
+            raise RuleViolation("the decision named is not a mandate proposal")
+        result = self.tally(proposal, view=view)
+        if not result.final:
+            raise RuleViolation("the decision is not sealed (or was withdrawn)")
+        if not result.passed:
+            raise RuleViolation("the decision did not pass: no mandate may be granted from it")
+        return MandateTerms(
+            proposal,
+            facts.proposal.delegate,
+            facts.proposal.acts,
+            result.version.text,
+            self.deciding_cells(proposal),
+        )
+
     def tally(self, proposal: bytes, now_ms: int | None = None, view: Op | None = None) -> Tally:
         """Recount ``proposal`` from the ops held (or visible from ``view``)."""
         facts = self._facts.get(proposal)
@@ -495,7 +588,7 @@ class Decisions(Record):
         winners = tuple(i for i, c in enumerate(counts) if c == best and best > 0)
         quorum_met = len(counted) * 100 >= proposal.quorum * proposal.eligible
         withdrawn = any(self.graph.in_view(w, view) for w in facts.withdrawals)
-        if proposal.expel is not None:
+        if proposal.yes_no:
             passed = quorum_met and counts[0] > counts[1]
         else:
             passed = quorum_met and len(winners) == 1

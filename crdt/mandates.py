@@ -30,15 +30,25 @@ depends on concurrency is made in queries over the whole set, so concurrent
 ops commute. The councils record registers its councils, dissolutions and
 council acts here (``register_*``), so this module never imports it.
 
-Hook for later: the issuer is the signing member's cell (:func:`_issuer`). A
-mandate granted by a sealed decision of several cells would name the seal in a
-ref field and take its issuers from it; nothing else here would change.
+Granted by a decision. A grant may name (field ``decision``, a ref) a
+mandate proposal of :mod:`archipel.crdt.decisions`: valid only if, in the
+grant's causal past, that proposal is sealed and passed, names this delegate
+and these acts, its decided text is the instructions, no grant from it is in
+view, and the signer is a member of a *deciding cell* (a cell of a member
+sitting in its circles). Its issuers are all the deciding cells: a member of
+any of them may recall it; no one may renew it (a longer mandate takes a new
+decision: one member must not stretch what the circles decided). It lapses
+when every issuer is expelled: an act counts unless, for every issuing cell,
+some expulsion of it does not follow the act. Of concurrent grants from one
+decision, the one with the smallest (ts, id) among those whose signer's key
+counts is the mandate; the others are void (``duplicate grant``), as is every
+grant whose decision, recounted from everything held, no longer passes.
+A council mandate is sent by one cell, never by a decision.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,7 +57,8 @@ from ._errors import RuleViolation
 from ._hlc import ts_ms
 from ._op import Op
 from ._record import Record, field_bytes, field_int, field_str, only_fields
-from .authority import MEMBER, Authority, Grant
+from .authority import MEMBER, Authority
+from .decisions import Decisions, field_acts
 
 if TYPE_CHECKING:
     from ._replica import Replica
@@ -59,10 +70,10 @@ ACT = "mandate.act"
 
 MAX_TEXT = 4000
 MAX_SCOPE = 500
-MAX_ACTS = 16
 MAX_MS = 2**48 - 1  # the wall-time part of a timestamp has 48 bits
-_ACT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
-_GRANT_FIELDS = frozenset({"delegate", "instructions", "expires", "council", "acts", "scope"})
+_GRANT_FIELDS = frozenset(
+    {"delegate", "instructions", "expires", "council", "acts", "scope", "decision"}
+)
 _RENEW_FIELDS = frozenset({"mandate", "expires"})
 _RECALL_FIELDS = frozenset({"mandate", "reason"})
 _ACT_FIELDS = frozenset({"mandate", "act", "text"})
@@ -80,7 +91,9 @@ CONCURRENT_WITH_DISSOLUTION = "concurrent with council dissolution"
 AFTER_EXPIRY = "after expiry"
 REVOKED_KEY = "revoked key"  # the author's key was revoked, or their cell expelled
 GRANT_VOID = "grant does not count"
-ISSUER_EXPELLED = "issuing cell expelled"
+ISSUER_EXPELLED = "issuing cell expelled"  # every issuing cell, for a decision's mandate
+DUPLICATE_GRANT = "duplicate grant"  # another grant from the same decision counts
+DECISION_VOID = "decision no longer passes"  # recounted from everything held
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +102,7 @@ class Mandate:
 
     id: bytes
     ts: int
-    issuer: bytes  # cell id
+    issuer: bytes  # the signing member's cell
     granted_by: bytes  # the signing member's key
     delegate: bytes
     delegate_cell: bytes
@@ -98,6 +111,8 @@ class Mandate:
     acts: tuple[str, ...]  # general mandates: the kinds of act it covers
     scope: str  # general mandates: free-text scope ("" if none)
     council: bytes | None  # council mandates: the council.form op id
+    issuers: tuple[bytes, ...]  # the issuing cells, sorted: (issuer,) or the deciding cells
+    decision: bytes | None  # the proposal.open that decided it, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,31 +156,12 @@ class Entry:
     why: str | None
 
 
-def _issuer(grant: Grant) -> bytes:
-    """The cell that issues a mandate: the signing member's cell (see the hook
-    in the module docstring for grants by a sealed decision)."""
-    return grant.cell
-
-
-def _field_acts(body: Mapping[str, Value]) -> tuple[str, ...]:
-    """The field 'acts': distinct names of the kinds of act a mandate covers."""
-    value = body.get("acts")
-    if not isinstance(value, tuple) or not 1 <= len(value) <= MAX_ACTS:
-        raise RuleViolation(f"field 'acts' must be an array of 1 to {MAX_ACTS} kinds of act")
-    for act in value:
-        if not isinstance(act, str) or not _ACT_NAME.fullmatch(act):
-            raise RuleViolation("field 'acts' must hold names like 'sign' (a-z0-9_-, 1-40)")
-    if len(set(value)) != len(value):
-        raise RuleViolation("field 'acts' must not repeat a kind of act")
-    return tuple(str(act) for act in value)
-
-
 class Mandates(Record):
     """Every mandate in the federation: grants, renewals, recalls and acts."""
 
     op_kinds = (GRANT, RENEW, RECALL, ACT)
     ref_fields = {
-        GRANT: ("council",),
+        GRANT: ("council", "decision"),
         RENEW: ("mandate",),
         RECALL: ("mandate",),
         ACT: ("mandate",),
@@ -180,6 +176,7 @@ class Mandates(Record):
         self._removals: set[bytes] = set()  # uses that are removals: they always count
         self._by_delegate: dict[bytes, list[bytes]] = {}
         self._by_council: dict[bytes, list[bytes]] = {}
+        self._by_decision: dict[bytes, list[bytes]] = {}
         self._councils: dict[bytes, CouncilTerms] = {}
         self._dissolutions: dict[bytes, list[bytes]] = {}
 
@@ -187,11 +184,18 @@ class Mandates(Record):
     def _authority(self) -> Authority:
         return self.replica.authority
 
+    @property
+    def _decisions(self) -> Decisions:
+        try:
+            return self.replica.record(Decisions)
+        except KeyError:
+            raise RuleViolation("this node does not run the decisions record") from None
+
     # -- validation ---------------------------------------------------------
 
     def validate(self, op: Op) -> None:
         if op.kind == GRANT:
-            self._validate_grant(op)
+            self.parse_once(op, self._parse_grant)
         elif op.kind == RENEW:
             self._validate_renew(op)
         elif op.kind == RECALL:
@@ -218,32 +222,80 @@ class Mandates(Record):
                 )
             self.check_use(op, mandate.id)
 
-    def _validate_grant(self, op: Op) -> None:
-        only_fields(op.body, _GRANT_FIELDS)
-        issuer = _issuer(self._authority.require_member(op))
-        delegate = field_bytes(op.body, "delegate")
-        field_str(op.body, "instructions", min_len=1, max_len=MAX_TEXT)
-        expires = field_int(op.body, "expires", 1, MAX_MS)
-        if ("council" in op.body) == ("acts" in op.body):
+    def _parse_grant(self, op: Op) -> Mandate:
+        """Check a ``mandate.grant`` against its causal past; the mandate it gives."""
+        body = op.body
+        only_fields(body, _GRANT_FIELDS)
+        issuer = self._authority.require_member(op).cell
+        delegate = field_bytes(body, "delegate")
+        instructions = field_str(body, "instructions", min_len=1, max_len=MAX_TEXT)
+        expires = field_int(body, "expires", 1, MAX_MS)
+        if ("council" in body) == ("acts" in body):
             raise RuleViolation("a mandate's scope is either 'council' or 'acts': give exactly one")
-        terms = None
-        if "council" in op.body:
-            if "scope" in op.body:
+        terms: CouncilTerms | None = None
+        acts: tuple[str, ...] = ()
+        if "council" in body:
+            if "scope" in body:
                 raise RuleViolation("field 'scope' (free text) is for general mandates only")
+            if "decision" in body:
+                raise RuleViolation("a council delegate is sent by one cell, not by a decision")
             terms = self._council_ref(op)
         else:
-            _field_acts(op.body)
-            if "scope" in op.body:
-                field_str(op.body, "scope", min_len=1, max_len=MAX_SCOPE)
+            acts = field_acts(body)
+            if "scope" in body:
+                field_str(body, "scope", min_len=1, max_len=MAX_SCOPE)
         delegate_cell = self._check_delegate(delegate, op)
+        issuers: tuple[bytes, ...] = (issuer,)
+        if "decision" in body:
+            issuers = self._check_decision(op, issuer, delegate, acts, instructions)
         if terms is not None:
             self._check_council_grant(op, terms, issuer, delegate_cell, expires)
         self._check_expiry(op, expires)
+        scope = body.get("scope", "")
+        return Mandate(
+            id=op.id,
+            ts=op.ts,
+            issuer=issuer,
+            granted_by=op.author,
+            delegate=delegate,
+            delegate_cell=delegate_cell,
+            instructions=instructions,
+            expires_ms=expires,
+            acts=acts,
+            scope=scope if isinstance(scope, str) else "",
+            council=terms.id if terms is not None else None,
+            issuers=issuers,
+            decision=field_bytes(body, "decision") if "decision" in body else None,
+        )
+
+    def _check_decision(
+        self, op: Op, cell: bytes, delegate: bytes, acts: tuple[str, ...], instructions: str
+    ) -> tuple[bytes, ...]:
+        """The issuing cells of a grant naming a decision; raises unless the
+        decision, in the grant's causal past, gives exactly this mandate and
+        the signer's cell is one of the deciding cells."""
+        decision = field_bytes(op.body, "decision")
+        terms = self._decisions.mandate_terms(decision, op)
+        if delegate != terms.delegate:
+            raise RuleViolation("the decision gives the mandate to another delegate")
+        if acts != terms.acts:
+            raise RuleViolation(f"the decision covers exactly the acts {', '.join(terms.acts)}")
+        if instructions != terms.instructions:
+            raise RuleViolation("the instructions must be the text the decision adopted")
+        if cell not in terms.cells:
+            raise RuleViolation("only a member of a deciding cell may grant the mandate")
+        if any(self.graph.precedes(g, op) for g in self._by_decision.get(decision, ())):
+            raise RuleViolation("a mandate was already granted from this decision")
+        return terms.cells
 
     def _validate_renew(self, op: Op) -> None:
         only_fields(op.body, _RENEW_FIELDS)
         mandate = self._mandate_ref(op)
         self._require_issuer(op, mandate, "renew")
+        if mandate.decision is not None:
+            raise RuleViolation(
+                "a mandate granted by a decision cannot be renewed: decide a new one"
+            )
         expires = field_int(op.body, "expires", 1, MAX_MS)
         reason = self.not_live_reason(mandate.id, op)
         if reason is not None:
@@ -268,8 +320,8 @@ class Mandates(Record):
         return terms
 
     def _require_issuer(self, op: Op, mandate: Mandate, what: str) -> None:
-        if self._authority.require_member(op).cell != mandate.issuer:
-            raise RuleViolation(f"only a member of the issuing cell may {what} a mandate")
+        if self._authority.require_member(op).cell not in mandate.issuers:
+            raise RuleViolation(f"only a member of an issuing cell may {what} a mandate")
 
     def _check_expiry(self, op: Op, expires: int) -> None:
         """The expiry is after the op's time and at most mandate_max_ms after it."""
@@ -358,11 +410,13 @@ class Mandates(Record):
 
     def apply(self, op: Op) -> None:
         if op.kind == GRANT:
-            mandate = self._parse_grant(op)
+            mandate = self.parse_once(op, self._parse_grant)
             self._mandates[op.id] = mandate
             self._by_delegate.setdefault(mandate.delegate, []).append(op.id)
             if mandate.council is not None:
                 self._by_council.setdefault(mandate.council, []).append(op.id)
+            if mandate.decision is not None:
+                self._by_decision.setdefault(mandate.decision, []).append(op.id)
         elif op.kind == RENEW:
             ident = field_bytes(op.body, "mandate")
             expires = field_int(op.body, "expires", 1, MAX_MS)
@@ -371,25 +425,6 @@ class Mandates(Record):
             self._recalls.setdefault(field_bytes(op.body, "mandate"), []).append(op.id)
         elif op.kind == ACT:
             self.register_use(field_bytes(op.body, "mandate"), op.id)
-
-    def _parse_grant(self, op: Op) -> Mandate:
-        delegate = field_bytes(op.body, "delegate")
-        delegate_grant = self._authority.grant_in_view(delegate, op)
-        assert delegate_grant is not None  # validated
-        council = op.body.get("council")
-        return Mandate(
-            id=op.id,
-            ts=op.ts,
-            issuer=_issuer(self._authority.author_grant(op)),
-            granted_by=op.author,
-            delegate=delegate,
-            delegate_cell=delegate_grant.cell,
-            instructions=field_str(op.body, "instructions", max_len=MAX_TEXT),
-            expires_ms=field_int(op.body, "expires", 1, MAX_MS),
-            acts=_field_acts(op.body) if "acts" in op.body else (),
-            scope=field_str(op.body, "scope", max_len=MAX_SCOPE) if "scope" in op.body else "",
-            council=council if isinstance(council, bytes) else None,
-        )
 
     def register_council(self, terms: CouncilTerms) -> None:
         """Called by the councils record when a ``council.form`` is applied."""
@@ -413,10 +448,13 @@ class Mandates(Record):
         return sorted((self.graph[i] for i in ids), key=lambda op: (op.ts, op.id))
 
     def _removed_before(self, op_id: bytes, mandate: Mandate) -> str | None:
-        """Which removal is not after ``op_id`` (remove wins): an expulsion of the
-        issuing cell, a recall of ``mandate``, a dissolution of its council."""
-        graph = self.graph
-        if any(not graph.precedes(op_id, s) for s in self._authority.expulsions(mandate.issuer)):
+        """Which removal is not after ``op_id`` (remove wins): an expulsion of
+        every issuing cell, a recall of ``mandate``, a dissolution of its council."""
+        graph, authority = self.graph, self._authority
+        if all(
+            any(not graph.precedes(op_id, s) for s in authority.expulsions(cell))
+            for cell in mandate.issuers
+        ):
             return ISSUER_EXPELLED
         if any(not graph.precedes(op_id, r) for r in self._recalls.get(mandate.id, ())):
             return CONCURRENT_WITH_RECALL
@@ -425,6 +463,25 @@ class Mandates(Record):
         ):
             return CONCURRENT_WITH_DISSOLUTION
         return None
+
+    def _grant_why(self, mandate: Mandate) -> str | None:
+        """Why the grant does not count, or None: its signer's key was removed;
+        or, for a decision's grant, an earlier one from the same decision counts
+        (smallest (ts, id) among those whose key counts), or the decision,
+        recounted from everything held, no longer gives this mandate."""
+        authority = self._authority
+        if not authority.counts(mandate.id):
+            return REVOKED_KEY
+        if mandate.decision is None:
+            return None
+        rivals = (g for g in self._by_decision[mandate.decision] if authority.counts(g))
+        if min(rivals, key=lambda g: (self.graph[g].ts, g)) != mandate.id:
+            return DUPLICATE_GRANT
+        try:
+            terms = self._decisions.mandate_terms(mandate.decision)
+        except RuleViolation:
+            return DECISION_VOID
+        return None if terms.instructions == mandate.instructions else DECISION_VOID
 
     def _renewal_why(self, renewal: Renewal, mandate: Mandate) -> str | None:
         if not self._authority.counts(renewal.id):
@@ -452,7 +509,7 @@ class Mandates(Record):
             return None
         if not self._authority.counts(op):
             return REVOKED_KEY
-        if not self._authority.counts(mandate.id):
+        if self._grant_why(mandate) is not None:
             return GRANT_VOID
         removed = self._removed_before(op.id, mandate)
         if removed is None and ts_ms(op.ts) >= self._expiry(mandate):
@@ -492,8 +549,8 @@ class Mandates(Record):
         if recalls:
             return RECALLED
         if (
-            not authority.counts(mandate.id)
-            or any(True for _ in authority.expulsions(mandate.issuer))
+            self._grant_why(mandate) is not None
+            or all(any(True for _ in authority.expulsions(c)) for c in mandate.issuers)
             or authority.is_revoked(mandate.delegate)
             or any(True for _ in authority.expulsions(mandate.delegate_cell))
         ):
@@ -524,9 +581,7 @@ class Mandates(Record):
         for ident in self._by_delegate.get(delegate, ()):
             mandate = self._mandates[ident]
             grant = self.graph[ident]
-            entries.append(
-                self._entry(grant, mandate, None if self._authority.counts(grant) else REVOKED_KEY)
-            )
+            entries.append(self._entry(grant, mandate, self._grant_why(mandate)))
             for renewal in self._renewals.get(ident, ()):
                 why = self._renewal_why(renewal, mandate)
                 entries.append(self._entry(self.graph[renewal.id], mandate, why))
@@ -555,11 +610,14 @@ class Mandates(Record):
         scope: str | None = None,
         council: bytes | None = None,
         expires_ms: int | None = None,
+        decision: bytes | None = None,
     ) -> dict[str, Value]:
         """The body of a ``mandate.grant``. With no expiry given, the mandate
         runs for ``mandate_default_ms`` (one lunar cycle by default) from
         ``now_ms``, or until its council's end if that comes first."""
         body: dict[str, Value] = {"delegate": delegate, "instructions": instructions}
+        if decision is not None:
+            body["decision"] = decision
         if council is not None:
             body["council"] = council
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import T0, cell, cells_federation, fork, key, member, merge, pub
+from helpers import T0, cell, cells_federation, device, fork, key, member, merge, pub
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -285,6 +285,54 @@ def test_a_failed_expulsion_expels_nobody() -> None:
     replica.author(key(member(EAST)), "note", {"text": "we stay"}, T0 + 4 * DAY)
 
 
+YES_NO: dict[str, object] = {"options": ("yes", "no")}
+MANDATE: dict[str, object] = YES_NO | {
+    "action": {"mandate": pub(member(EAST)), "acts": ("negotiate", "sign")}
+}
+
+
+def test_a_mandate_proposal_passes_when_yes_beats_no() -> None:
+    replica, genesis = cells_federation()
+    p = propose(replica, **MANDATE)
+    proposal = decisions(replica).proposal(p)
+    assert proposal is not None
+    assert (proposal.delegate, proposal.acts) == (pub(member(EAST)), ("negotiate", "sign"))
+    # The circles seat North, South and East members: all three decide.
+    assert decisions(replica).deciding_cells(p) == tuple(sorted(cell(genesis, i) for i in range(3)))
+    with pytest.raises(RuleViolation, match="not sealed"):
+        decisions(replica).mandate_terms(p)
+    for i, (voter, choice) in enumerate(zip(VOTERS[:4], (0, 0, 1, 1), strict=True)):
+        vote(replica, p, voter, (choice,), 10 + i)
+    tied = seal(replica, p)
+    assert decisions(replica).tally(p).counts == (2, 2)
+    assert not decisions(replica).tally(p).passed
+    with pytest.raises(RuleViolation, match="did not pass"):
+        decisions(replica).mandate_terms(p)
+    q = propose(replica, at=4 * DAY, **MANDATE)
+    for i, voter in enumerate(VOTERS[:4]):
+        vote(replica, q, voter, (0,) if i else (1,), 4 * DAY + 10 + i)
+    seal(replica, q, at=7 * DAY)
+    terms = decisions(replica).mandate_terms(q)
+    assert (terms.delegate, terms.instructions, len(terms.cells)) == (
+        pub(member(EAST)), "For food runs.", 3,
+    )  # fmt: skip
+    assert tied not in decisions(replica).seals(q)
+    with pytest.raises(RuleViolation, match="not a mandate proposal"):
+        decisions(replica).mandate_terms(propose(replica, at=7 * DAY + 1))
+
+
+def test_a_mandate_proposal_keeps_its_options_and_a_text() -> None:
+    replica, _ = cells_federation()
+    p = propose(replica, **MANDATE)
+    author = key(member(NORTH))
+    with pytest.raises(RuleViolation, match="cannot change"):
+        replica.author(author, "proposal.amend", {"proposal": p, "options": ("a", "b")}, T0 + 2)
+    with pytest.raises(RuleViolation, match="needs a 'text'"):
+        replica.author(author, "proposal.amend", {"proposal": p, "text": ""}, T0 + 3)
+    amended = {"proposal": p, "text": "Sign below 900"}
+    replica.author(author, "proposal.amend", amended, T0 + 4)
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
@@ -314,6 +362,24 @@ def test_a_failed_expulsion_expels_nobody() -> None:
         ({"action": {"expel": b"\x00" * 32}}, "not a live cell"),
         ({"action": {"expel": b"\x00" * 3}}, "32 bytes"),
         ({"action": {"dissolve": b"\x00" * 32}}, "unknown field"),
+        ({"action": {}}, "an action is"),
+        ({"action": "mandate"}, "'action' must be a map"),
+        ({"action": {"mandate": pub(member(EAST)), "acts": ("sign",)}}, "ballot on"),
+        (YES_NO | {"action": {"mandate": pub(member(EAST))}}, "'acts'"),
+        (YES_NO | {"action": {"mandate": pub(member(EAST)), "acts": ()}}, "'acts'"),
+        (YES_NO | {"action": {"mandate": pub(member(EAST)), "acts": ("Sign",)}}, "'acts'"),
+        (YES_NO | {"action": {"mandate": pub(member(EAST)), "acts": ("a", "a")}}, "repeat"),
+        (YES_NO | {"action": {"mandate": pub(99), "acts": ("sign",)}}, "must be a member"),
+        (YES_NO | {"action": {"mandate": pub(device(EAST)), "acts": ("sign",)}}, "a member"),
+        (YES_NO | {"action": {"mandate": b"\x01" * 3, "acts": ("sign",)}}, "32 bytes"),
+        (YES_NO | {"action": {"mandate": pub(member(EAST)), "acts": ("s",), "x": 1}}, "unknown"),
+        (
+            YES_NO | {"action": {"expel": b"\x00" * 32, "mandate": pub(member(EAST))}},
+            "unknown field",
+        ),
+        (MANDATE | {"text": ""}, "needs a 'text'"),
+        ({**MANDATE, "text": None}, "'text' must be a string"),
+        (MANDATE | {"ballot": "approval"}, "ballot on"),
     ],
 )
 def test_bad_proposals_are_refused_and_change_nothing(change: dict[str, object], why: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from helpers import T0, cell, cells_federation, device, key, member, pub
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archipel.crdt import DEFAULT_RECORDS, Notes, Op, Record, Replica, RuleViolation
@@ -549,6 +549,8 @@ def test_histories_produce_concurrency_and_discounted_acts() -> None:
     """Guard: the generator does build the cases the property is about."""
     seen: set[str] = set()
 
+    # A fixed sample (derandomized): a guard that passes only by luck would be flaky.
+    @settings(derandomize=True, max_examples=200)
     @given(history=histories())
     def look(history: History) -> None:
         replica = copy_of(history.genesis)
