@@ -371,7 +371,7 @@ class SyncNode:
                 self._applied(op, now_ms)
         if waiting:
             asked = set(link.session.pending_requests())
-            missing = [i for i in self.replica.graph.missing() if i not in asked]
+            missing = sorted(i for i in self.replica.graph.missing() if i not in asked)
             if missing:
                 link.session.request(missing, now_ms)
 

@@ -11,13 +11,30 @@ sent before it. Nodes' timers are events too. Everything is decided by the
 seeded ``rng``: the same seed gives the same run.
 
 Faults: :meth:`partition` cuts every connection between groups and refuses
-dials across them until :meth:`heal`; :meth:`crash` drops a node with its
-session state (its replica, the durable ops, survives) and :meth:`restart`
-brings it back with a fresh :class:`SyncNode`.
+dials across them until :meth:`heal` (``bridges`` stay reachable from every
+group); :meth:`crash` drops a node with its session state (its replica, the
+durable ops, survives) and :meth:`restart` brings it back with a fresh
+:class:`SyncNode`. :meth:`set_skew` gives a node a clock offset: every
+``now_ms`` it is handed (and every deadline it asks for) is shifted by it.
+
+Links are TCP-like streams: a frame is never lost, duplicated or reordered
+on an open connection; what breaks is the connection (a partition, a crash),
+and frames in flight on it are lost with it. So message loss is modelled as
+connection breaks, not as dropped frames.
+
+Latency: ``latency_ms`` (fixed, or drawn per message), or
+``link_latency(rng, src, dst)`` per link when set (clusters joined by slower
+links); draws come from one generator per direction, seeded from ``rng``.
+Events at the same instant run in an order fixed by their connection, not
+by the order a node listed its actions (which may follow a set's iteration
+order, and so Python's hash seed): a run is reproducible across processes.
+Every frame is classified by its message type (the tag after the length
+prefix) into :attr:`Stats.per_kind`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections.abc import Callable, Iterable
@@ -26,6 +43,13 @@ from dataclasses import dataclass, field
 from archipel.crdt import Op, Replica
 from archipel.protocol.messages import PeerInfo
 from archipel.protocol.node import Dial, Hangup, SyncConfig, SyncNode, Transmit
+from archipel.protocol.plumtree import Broadcast, PushLimits
+from archipel.protocol.wire import LENGTH_BYTES, TAGS
+
+_KIND_OF_TAG = {tag: kind.__name__ for kind, tag in TAGS.items()}
+
+LinkLatency = Callable[[random.Random, bytes, bytes], int]
+"""Latency of one message from ``src`` to ``dst`` (ms), drawn from the rng."""
 
 
 @dataclass(slots=True)
@@ -34,6 +58,7 @@ class _Host:
     replica: Replica
     node: SyncNode | None
     timer_at: int | None = None
+    skew_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -45,6 +70,11 @@ class Stats:
     dials: int = 0
     dropped: int = 0
     per_kind: dict[str, int] = field(default_factory=dict)
+    """Frames by message type name (``Push``, ``IHave``, ``Reconcile``, ...)."""
+    events: int = 0
+    """Events processed (calls into nodes, deliveries, timers)."""
+    peak_pending: int = 0
+    """The largest pending set (ops waiting for deps) any replica had."""
 
 
 class Network:
@@ -57,18 +87,29 @@ class Network:
         *,
         latency_ms: int | Callable[[random.Random], int] = 20,
         config: SyncConfig | None = None,
+        push_limits: PushLimits | None = None,
+        link_latency: LinkLatency | None = None,
     ) -> None:
         self.rng = rng
         self.now_ms = now_ms
         self.config = config
+        self.push_limits = push_limits
+        self.link_latency = link_latency
         self.stats = Stats()
         self._latency = latency_ms
-        self._queue: list[tuple[int, int, Callable[[], None]]] = []
-        self._seq = 0
+        # Events at one instant run in an order that depends only on what
+        # happened before on the same channel (see _schedule), never on the
+        # order a node listed actions for different peers (which may come from
+        # iterating a set, and so change with Python's hash seed).
+        self._queue: list[tuple[int, bytes, int, Callable[[], None]]] = []
+        self._channel_seq: dict[bytes, int] = {}
+        self._link_seed = rng.getrandbits(64)
+        self._link_rngs: dict[tuple[bytes, bytes], random.Random] = {}
         self._hosts: dict[bytes, _Host] = {}
         self._connections: set[frozenset[bytes]] = set()
         self._last_arrival: dict[tuple[bytes, bytes], int] = {}
         self._groups: dict[bytes, int] | None = None
+        self._bridges: frozenset[bytes] = frozenset()
 
     # -- building ---------------------------------------------------------------
 
@@ -80,7 +121,13 @@ class Network:
 
     def _boot(self, peer_id: bytes) -> SyncNode:
         host = self._hosts[peer_id]
-        node = SyncNode(host.replica, host.info, self.rng, self.now_ms, config=self.config)
+        now = self.now_ms + host.skew_ms
+        node = SyncNode(host.replica, host.info, self.rng, now, config=self.config)
+        if self.push_limits is not None:
+            # The same push protocol, with other timers (a scenario's tuning).
+            node.push = Broadcast(
+                has=_holds(host.replica), get=_bytes_of(host.replica), limits=self.push_limits
+            )
         host.node = node
         host.timer_at = None
         self._after_call(peer_id)
@@ -98,15 +145,40 @@ class Network:
     def replicas(self, live_only: bool = True) -> list[Replica]:
         return [h.replica for h in self._hosts.values() if h.node is not None or not live_only]
 
+    @property
+    def partitioned(self) -> bool:
+        return self._groups is not None
+
+    def add_known_to(self, peer_id: bytes, known: Iterable[bytes]) -> None:
+        """Give a node addresses (bootstrap configuration) without joining."""
+        self.node(peer_id).add_known([self.info(k) for k in known if k != peer_id])
+        self._after_call(peer_id)
+
+    def is_up(self, peer_id: bytes) -> bool:
+        return self._hosts[peer_id].node is not None
+
+    def local_now(self, peer_id: bytes) -> int:
+        """The node's clock: virtual time plus its skew."""
+        return self.now_ms + self._hosts[peer_id].skew_ms
+
+    def set_skew(self, peer_id: bytes, skew_ms: int) -> None:
+        """From now on the node's clock reads ``skew_ms`` ahead (or behind)."""
+        self._hosts[peer_id].skew_ms = skew_ms
+        self._hosts[peer_id].timer_at = None
+        self._after_call(peer_id)  # re-arm its timer on the shifted clock
+
     # -- driving ------------------------------------------------------------------
 
-    def join(self, peer_id: bytes, contact: bytes) -> None:
-        self.node(peer_id).join(self.info(contact), self.now_ms)
+    def join(self, peer_id: bytes, contact: bytes, known: Iterable[bytes] = ()) -> None:
+        """Enter the overlay through ``contact``, knowing ``known`` addresses too."""
+        node = self.node(peer_id)
+        node.add_known([self.info(k) for k in known if k != peer_id])
+        node.join(self.info(contact), self.local_now(peer_id))
         self._after_call(peer_id)
 
     def publish(self, peer_id: bytes, op: Op) -> None:
         """``op`` was authored on this node's replica: spread it."""
-        self.node(peer_id).publish(op, self.now_ms)
+        self.node(peer_id).publish(op, self.local_now(peer_id))
         self._after_call(peer_id)
 
     def run_until(self, until_ms: int, *, max_events: int = 5_000_000) -> None:
@@ -115,8 +187,9 @@ class Network:
             if not self._queue or self._queue[0][0] > until_ms:
                 self.now_ms = max(self.now_ms, until_ms)
                 return
-            at, _, call = heapq.heappop(self._queue)
+            at, _, _, call = heapq.heappop(self._queue)
             self.now_ms = at
+            self.stats.events += 1
             call()
         raise RuntimeError(f"more than {max_events} events before {until_ms} ms")
 
@@ -125,25 +198,28 @@ class Network:
 
     # -- faults -------------------------------------------------------------------
 
-    def partition(self, groups: Iterable[Iterable[bytes]]) -> None:
-        """Cut the network into ``groups``; nodes not named form one more group."""
+    def partition(self, groups: Iterable[Iterable[bytes]], bridges: Iterable[bytes] = ()) -> None:
+        """Cut the network into ``groups``; nodes not named form one more group,
+        except ``bridges``, which reach (and are reached from) every group."""
         self._groups = {}
+        self._bridges = frozenset(bridges)
         for index, group in enumerate(groups):
             for peer in group:
                 self._groups[peer] = index
-        for pair in list(self._connections):
+        for pair in sorted(self._connections, key=sorted):
             a, b = sorted(pair)
             if not self._reachable(a, b):
                 self._break(a, b)
 
     def heal(self) -> None:
         self._groups = None
+        self._bridges = frozenset()
 
     def crash(self, peer_id: bytes) -> None:
         """The node stops: its connections break, its session state is lost."""
         host = self._hosts[peer_id]
         host.node = None
-        for pair in [p for p in self._connections if peer_id in p]:
+        for pair in sorted((p for p in self._connections if peer_id in p), key=sorted):
             a, b = sorted(pair)
             self._break(a, b)
 
@@ -155,22 +231,38 @@ class Network:
 
     # -- internals ----------------------------------------------------------------
 
-    def _schedule(self, at_ms: int, call: Callable[[], None]) -> None:
-        self._seq += 1
-        heapq.heappush(self._queue, (at_ms, self._seq, call))
+    def _schedule(self, at_ms: int, channel: bytes, call: Callable[[], None]) -> None:
+        """Queue ``call`` at ``at_ms``; ties go by channel, then in order within one."""
+        seq = self._channel_seq.get(channel, 0) + 1
+        self._channel_seq[channel] = seq
+        heapq.heappush(self._queue, (at_ms, channel, seq, call))
 
-    def _delay(self) -> int:
-        return self._latency(self.rng) if callable(self._latency) else self._latency
+    def _delay(self, src: bytes, dst: bytes) -> int:
+        """One message's latency, drawn from the direction's own generator (so
+        draws do not depend on the order of sends to different peers)."""
+        if self.link_latency is None and not callable(self._latency):
+            return self._latency
+        rng = self._link_rngs.get((src, dst))
+        if rng is None:
+            seed = hashlib.blake2b(src + dst, key=self._link_seed.to_bytes(8, "big")).digest()
+            rng = self._link_rngs[(src, dst)] = random.Random(seed)  # noqa: S311 (a simulation)
+        if self.link_latency is not None:
+            return self.link_latency(rng, src, dst)
+        assert callable(self._latency)
+        return self._latency(rng)
 
     def _reachable(self, a: bytes, b: bytes) -> bool:
         if self._hosts[a].node is None or self._hosts[b].node is None:
             return False
-        return self._groups is None or self._groups.get(a, -1) == self._groups.get(b, -1)
+        if self._groups is None or a in self._bridges or b in self._bridges:
+            return True
+        return self._groups.get(a, -1) == self._groups.get(b, -1)
 
-    def _call(self, peer_id: bytes, action: Callable[[SyncNode], None]) -> None:
-        node = self._hosts[peer_id].node
-        if node is not None:
-            action(node)
+    def _call(self, peer_id: bytes, action: Callable[[SyncNode, int], None]) -> None:
+        """Call into a node with its own clock's reading of now."""
+        host = self._hosts[peer_id]
+        if host.node is not None:
+            action(host.node, self.now_ms + host.skew_ms)
             self._after_call(peer_id)
 
     def _after_call(self, peer_id: bytes) -> None:
@@ -178,6 +270,8 @@ class Network:
         node = host.node
         if node is None:
             return
+        pending = host.replica.graph.pending_count()
+        self.stats.peak_pending = max(self.stats.peak_pending, pending)
         for action in node.actions():
             if isinstance(action, Dial):
                 self._dial(peer_id, action.peer.id)
@@ -186,38 +280,46 @@ class Network:
             elif isinstance(action, Hangup):
                 self._hangup(peer_id, action.peer)
         deadline = node.next_deadline()
+        if deadline is not None:
+            deadline -= host.skew_ms  # the node's clock to virtual time
         if deadline is not None and (host.timer_at is None or deadline < host.timer_at):
             host.timer_at = deadline
-            self._schedule(max(deadline, self.now_ms), lambda: self._timer(peer_id, node))
+            self._schedule(
+                max(deadline, self.now_ms), b"t" + peer_id, lambda: self._timer(peer_id, node)
+            )
 
     def _timer(self, peer_id: bytes, node: SyncNode) -> None:
         host = self._hosts[peer_id]
         if host.node is not node:
             return  # the node crashed since
         host.timer_at = None
-        node.handle_timer(self.now_ms)
+        node.handle_timer(self.now_ms + host.skew_ms)
         self._after_call(peer_id)
 
     def _dial(self, src: bytes, dst: bytes) -> None:
         self.stats.dials += 1
         pair = frozenset((src, dst))
-        at = self.now_ms + self._delay()
+        at = self.now_ms + self._delay(src, dst)
         if dst not in self._hosts or not self._reachable(src, dst) or pair in self._connections:
-            self._schedule(at, lambda: self._call(src, lambda n: n.connection_failed(dst, at)))
+            self._schedule(
+                at,
+                b"c" + src + dst,
+                lambda: self._call(src, lambda n, now: n.connection_failed(dst, now)),
+            )
             return
         self._connections.add(pair)
-        self._schedule(at, lambda: self._made(dst, src, initiator=False))
-        self._schedule(at, lambda: self._made(src, dst, initiator=True))
+        self._schedule(at, b"c" + dst + src, lambda: self._made(dst, src, initiator=False))
+        self._schedule(at, b"c" + src + dst, lambda: self._made(src, dst, initiator=True))
 
     def _made(self, end: bytes, other: bytes, *, initiator: bool) -> None:
-        self._call(end, lambda n: n.connection_made(other, self.now_ms, initiator=initiator))
+        self._call(end, lambda n, now: n.connection_made(other, now, initiator=initiator))
 
     def _lost(self, end: bytes, other: bytes) -> None:
-        self._call(end, lambda n: n.connection_lost(other, self.now_ms))
+        self._call(end, lambda n, now: n.connection_lost(other, now))
 
     def _arrival(self, src: bytes, dst: bytes) -> int:
         """Arrival time of the next message from src to dst: in order per direction."""
-        at = max(self.now_ms + self._delay(), self._last_arrival.get((src, dst), 0))
+        at = max(self.now_ms + self._delay(src, dst), self._last_arrival.get((src, dst), 0))
         self._last_arrival[(src, dst)] = at
         return at
 
@@ -225,14 +327,13 @@ class Network:
         if frozenset((src, dst)) not in self._connections:
             self.stats.dropped += 1
             return
-        self.stats.frames += 1
-        self.stats.bytes += len(data)
+        self._count(data)
         at = self._arrival(src, dst)
-        self._schedule(at, lambda: self._deliver(src, dst, data))
+        self._schedule(at, b"d" + dst + src, lambda: self._deliver(src, dst, data))
 
     def _deliver(self, src: bytes, dst: bytes, data: bytes) -> None:
         if frozenset((src, dst)) in self._connections:
-            self._call(dst, lambda n: n.data_received(src, data, self.now_ms))
+            self._call(dst, lambda n, now: n.data_received(src, data, now))
 
     def _hangup(self, src: bytes, dst: bytes) -> None:
         pair = frozenset((src, dst))
@@ -245,10 +346,48 @@ class Network:
                 self._connections.discard(pair)
                 self._lost(dst, src)
 
-        self._schedule(at, close)
+        self._schedule(at, b"d" + dst + src, close)
 
     def _break(self, a: bytes, b: bytes) -> None:
         """A connection breaks (partition or crash): both ends learn it."""
         self._connections.discard(frozenset((a, b)))
-        self._schedule(self.now_ms, lambda: self._lost(a, b))
-        self._schedule(self.now_ms, lambda: self._lost(b, a))
+        self._schedule(self.now_ms, b"c" + a + b, lambda: self._lost(a, b))
+        self._schedule(self.now_ms, b"c" + b + a, lambda: self._lost(b, a))
+
+    def _count(self, data: bytes) -> None:
+        """Count the frames in ``data`` by type: a session writes whole frames,
+        each a length prefix then a msgpack array whose second byte is the tag."""
+        self.stats.bytes += len(data)
+        per_kind = self.stats.per_kind
+        pos, end = 0, len(data)
+        for _ in range(end):  # at most one frame per byte
+            if pos + LENGTH_BYTES + 2 > end:
+                break
+            length = int.from_bytes(data[pos : pos + LENGTH_BYTES], "big")
+            kind = _KIND_OF_TAG.get(data[pos + LENGTH_BYTES + 1], "unknown")
+            per_kind[kind] = per_kind.get(kind, 0) + 1
+            self.stats.frames += 1
+            pos += LENGTH_BYTES + length
+
+
+def _holds(replica: Replica) -> Callable[[bytes], bool]:
+    """What :class:`SyncNode` tells its push protocol the replica holds."""
+    graph = replica.graph
+
+    def has(op_id: bytes) -> bool:
+        return (
+            op_id in graph
+            or graph.is_pending(op_id)
+            or graph.is_held(op_id)
+            or graph.rejection(op_id) is not None
+        )
+
+    return has
+
+
+def _bytes_of(replica: Replica) -> Callable[[bytes], bytes | None]:
+    def get(op_id: bytes) -> bytes | None:
+        op = replica.graph.get(op_id)
+        return op.data if op is not None else None
+
+    return get

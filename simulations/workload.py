@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import nacl.signing
@@ -116,6 +116,34 @@ class Workload:
         self._names = list(mix)
         self._weights = [mix[name] for name in self._names]
         self.refused = 0
+        self._may_author: Callable[[int], bool] = _anyone
+
+    def author_on(
+        self, site: Replica, members: Sequence[int], now_ms: int, action: str | None = None
+    ) -> Op | None:
+        """One op of the mix (or ``action``) on ``site`` at ``now_ms``, by one of
+        ``members`` (indices into :attr:`members`); None if it was not possible.
+
+        The simulator gives each node its own members: two nodes authoring as
+        the same member would fork that member's chain (an equivocation). A
+        mandate act is authored by the delegate, so only mandates delegated to
+        one of ``members`` are acted under.
+        """
+        self.now_ms = now_ms
+        if action is None:
+            action = self.rng.choices(self._names, self._weights)[0]
+        who = members[self.rng.randrange(len(members))]
+        mine = frozenset(members)
+        self._may_author = mine.__contains__
+        try:
+            op = self._actions[action](site, who)
+        except (InvalidOp, LookupError):
+            self.refused += 1
+            return None
+        finally:
+            self._may_author = _anyone
+        self.ops.append(op)
+        return op
 
     def run(self, count: int, step_ms: int = 10) -> list[Op]:
         """Author ``count`` ops (genesis excluded), ``step_ms`` apart on average;
@@ -227,7 +255,7 @@ class Workload:
         return op
 
     def _act(self, site: Replica, who: int) -> Op:
-        mandates = [m for m in self._open.mandates if m[0] in site.graph]
+        mandates = [m for m in self._open.mandates if m[0] in site.graph and self._may_author(m[1])]
         mandate, delegate = self.rng.choice(mandates)
         body: dict[str, Value] = {
             "mandate": mandate,
@@ -256,6 +284,10 @@ class Workload:
             "expires": self.now_ms + 3600_000,
         }
         return self._author(site, who, "alert.raise", body)
+
+
+def _anyone(_member: int) -> bool:
+    return True
 
 
 def _key(seed: int, index: int) -> nacl.signing.SigningKey:

@@ -128,3 +128,14 @@ def test_a_regular_install_has_only_archipel(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(target / "archipel" / "crdt" / "__init__.py")
+
+
+def test_the_scenario_library_ships_in_the_wheel(tmp_path: Path) -> None:
+    """Scenario files are package data: a regular install has them too."""
+    wheel_dir = tmp_path / "wheel"
+    build = pip("wheel", "--quiet", "--no-deps", "-w", str(wheel_dir), str(ROOT), cwd=tmp_path)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheel_dir.glob("archipel-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "archipel/simulations/scenarios/maelstrom-broadcast.toml" in names
