@@ -51,7 +51,8 @@ from .messages import (
     Shuffle,
     ShuffleReply,
 )
-from .negentropy import NegentropyClient, NegentropyServer, SortedItems
+from .negentropy import NegentropyClient, NegentropyServer
+from .negentropy_store import SortedItems
 from .peers import Close, Connect, NeighborDown, NeighborUp, PeerAction, PeerSelection, Rng
 from .plumtree import Broadcast, Deliver, PushAction, Send
 from .session import (
