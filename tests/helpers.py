@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nacl.signing
+from hypothesis import strategies as st
 
 from archipel.crdt import (
     DEFAULT_RECORDS,
@@ -155,3 +156,22 @@ def deliver(genesis: Op, ops: Sequence[Op], now_ms: int = LATE_MS) -> Replica:
     for op in ops:
         replica.receive(op, now_ms)
     return replica
+
+
+def assert_order_independent(
+    data: st.DataObject,
+    genesis: Op,
+    ops: Sequence[Op],
+    outcome: Callable[[Replica], object],
+    *,
+    max_duplicates: int = 6,
+) -> Replica:
+    """The convergence law: ``ops`` delivered in any drawn order, with drawn
+    duplicates, give the same ``outcome`` as in (ts, id) order. Returns the
+    replica that received them in (ts, id) order."""
+    reference = deliver(genesis, sorted(ops, key=lambda op: (op.ts, op.id)))
+    assert len(reference.graph) == len(set(ops))
+    duplicates = data.draw(st.lists(st.sampled_from(list(ops)), max_size=max_duplicates))
+    order = data.draw(st.permutations([*ops, *duplicates]))
+    assert outcome(deliver(genesis, order)) == outcome(reference)
+    return reference

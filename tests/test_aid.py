@@ -7,7 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import T0, cell, cells_federation, deliver, device, key, member, pub, replica_of, sync
+from helpers import (
+    T0,
+    assert_order_independent,
+    cell,
+    cells_federation,
+    deliver,
+    device,
+    key,
+    member,
+    pub,
+    replica_of,
+    sync,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -648,11 +660,7 @@ def outcome(replica: Replica) -> tuple[object, ...]:
 def test_any_order_with_duplicates_gives_one_aid_state(
     data: st.DataObject, history: History
 ) -> None:
-    reference = deliver(history.genesis, sorted(history.ops, key=lambda op: (op.ts, op.id)))
-    assert len(reference.graph) == len(history.ops)
-    duplicates = data.draw(st.lists(st.sampled_from(history.ops), max_size=6))
-    order = data.draw(st.permutations(history.ops + duplicates))
-    assert outcome(deliver(history.genesis, order)) == outcome(reference)
+    reference = assert_order_independent(data, history.genesis, history.ops, outcome)
     for op in history.ops:
         allocation = aid(reference).allocation(op.id)
         if allocation is None or not allocation.counts:
