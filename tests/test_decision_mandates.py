@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from helpers import T0, cell, cells_federation, fork, key, member, merge, pub
+from helpers import (
+    T0,
+    assert_order_independent,
+    cell,
+    cells_federation,
+    fork,
+    key,
+    member,
+    merge,
+    pub,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_mandates import copy_of, deliver, outcome
@@ -433,14 +443,7 @@ TIMES = [AFTER + 100 * k for k in range(0, 12, 2)]
 
 @given(data=st.data(), history=histories())
 def test_decision_mandates_converge_in_any_order(data: st.DataObject, history: History) -> None:
-    reference = copy_of(history.genesis)
-    deliver(sorted(history.ops, key=lambda op: (op.ts, op.id)), reference)
-    assert len(reference.graph) == len(set(history.ops))
-    duplicates = data.draw(st.lists(st.sampled_from(history.ops), max_size=6))
-    order = data.draw(st.permutations(history.ops + duplicates))
-    replica = Replica(history.genesis.federation)
-    deliver(order, replica)
-    assert outcome(replica, TIMES) == outcome(reference, TIMES)
+    assert_order_independent(data, history.genesis, history.ops, lambda r: outcome(r, TIMES))
 
 
 def test_histories_produce_duplicate_grants_and_recalls() -> None:
