@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.modules
 		|| { echo "Archipel needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)."; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e '.[test,sim]' --config-settings editable_mode=strict
 	touch $@
 
 # Rewritten only when the set of modules changes, so that adding a module
