@@ -6,6 +6,8 @@ A node's home holds everything it owns::
     identity.json   keys and federation secret (mode 0600)
     node.db         the ops (SQLite, WAL) and the state snapshot
     node.lock       held while a node runs
+    rpc.sock        the local RPC (mode 0600)
+    rpc.token       the bearer token of the RPC's TCP port, if enabled (mode 0600)
 
 The default home is the platform data directory (``platformdirs``), e.g.
 ``~/.local/share/archipel`` on Linux; ``ARCHIPEL_HOME`` or ``--home`` chooses
@@ -70,6 +72,10 @@ class Home:
     @property
     def rpc_socket(self) -> Path:
         return self.root / "rpc.sock"
+
+    @property
+    def rpc_token(self) -> Path:
+        return self.root / "rpc.token"
 
     def create(self) -> None:
         """Make the directory, readable by this user only."""

@@ -1,1 +1,315 @@
-"""Placeholder: being written."""
+"""The local RPC: JSON-RPC 2.0 over HTTP/1.1, on a Unix socket and (optionally) localhost TCP.
+
+Theory of operation. Scripts talk to their node the way they talk to geth or
+bitcoind: a ``POST /`` whose body is a JSON-RPC 2.0 request (or a batch), the
+answer a JSON-RPC response. Two doors:
+
+- ``rpc.sock`` in the node's directory, mode 0600: whoever can open it is the
+  node's user; no token. ``curl --unix-socket ~/.local/share/archipel/rpc.sock``.
+- ``127.0.0.1:<rpc.tcp_port>`` when the config asks for it: every request
+  needs ``Authorization: Bearer <token>``, the token being in ``rpc.token``
+  (mode 0600) in the node's directory. Anything else is a 401 and reaches no
+  method.
+
+HTTP is parsed by h11; bodies are capped at :data:`MAX_BODY`, batches at
+:data:`MAX_BATCH`, idle connections closed after :data:`IDLE_S`. What the
+methods are and what they return is :mod:`archipel.daemon.methods`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+from archipel.crdt import ArchipelError
+
+from .logs import fields
+
+log = logging.getLogger("archipel.rpc")
+
+MAX_BODY = 1 << 20
+MAX_BATCH = 100
+IDLE_S = 300.0
+MAX_CLIENTS = 64
+
+# JSON-RPC 2.0 codes, and ours in the server range.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+OP_REFUSED = -32001
+NOT_FOUND = -32002
+UNAVAILABLE = -32003
+
+
+class RpcError(ArchipelError):
+    """An error a method returns to its caller: a code, a message and a machine-readable reason."""
+
+    def __init__(self, code: int, message: str, reason: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"reason": self.reason}
+        if self.data is not None:
+            data["detail"] = self.data
+        return {"code": self.code, "message": self.message, "data": data}
+
+
+def invalid_params(message: str) -> RpcError:
+    return RpcError(INVALID_PARAMS, message, "invalid_params")
+
+
+Dispatch = Callable[[str, Any], Awaitable[Any]]
+
+
+async def handle_payload(body: bytes, dispatch: Dispatch) -> bytes | None:
+    """One HTTP body in, the JSON-RPC answer out (``None`` for notifications only)."""
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _dump(_error(None, RpcError(PARSE_ERROR, f"not JSON: {exc}", "parse_error")))
+    if isinstance(request, list):
+        if not request:
+            return _dump(_error(None, RpcError(INVALID_REQUEST, "empty batch", "invalid_request")))
+        if len(request) > MAX_BATCH:
+            message = f"a batch holds at most {MAX_BATCH} calls"
+            return _dump(_error(None, RpcError(INVALID_REQUEST, message, "invalid_request")))
+        answers = [await _one(item, dispatch) for item in request]
+        present = [a for a in answers if a is not None]
+        return _dump(present) if present else None
+    answer = await _one(request, dispatch)
+    return None if answer is None else _dump(answer)
+
+
+def _bad_request(message: str) -> RpcError:
+    return RpcError(INVALID_REQUEST, message, "invalid_request")
+
+
+async def _one(request: Any, dispatch: Dispatch) -> dict[str, Any] | None:
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
+        return _error(None, _bad_request("not a JSON-RPC 2.0 request"))
+    ident = request.get("id")
+    notification = "id" not in request
+    method = request.get("method")
+    params = request.get("params", {})
+    problem = None
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, str | int)):
+        ident, problem = None, _bad_request("id must be a string or an integer")
+    elif not isinstance(method, str):
+        problem = _bad_request("method must be a string")
+    elif not isinstance(params, dict):
+        problem = invalid_params("params must be an object (named parameters)")
+    if problem is not None:
+        return _error(ident, problem)
+    assert isinstance(method, str)
+    try:
+        result = await dispatch(method, params)
+    except RpcError as exc:
+        return None if notification else _error(ident, exc)
+    except Exception:
+        log.exception("RPC method failed", **fields(method=method))
+        problem = RpcError(INTERNAL_ERROR, "internal error (see the node's log)", "internal")
+        return None if notification else _error(ident, problem)
+    return None if notification else {"jsonrpc": "2.0", "id": ident, "result": result}
+
+
+def _error(ident: Any, exc: RpcError) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": ident, "error": exc.to_json()}
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+
+async def serve_http(
+    stream: trio.abc.Stream, dispatch: Dispatch, token: str | None, limit: trio.CapacityLimiter
+) -> None:
+    """Serve one HTTP connection (keep-alive) until it closes or idles."""
+    async with stream:
+        if limit.available_tokens == 0:
+            await _respond(h11.Connection(h11.SERVER), stream, 503, b'{"error":"busy"}', close=True)
+            return
+        async with limit:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+            while True:
+                try:
+                    request, body = await _read_request(conn, stream)
+                except _Done:
+                    return
+                except _Reject as rejected:
+                    with contextlib.suppress(Exception):
+                        await _respond(conn, stream, rejected.status, rejected.body, close=True)
+                    return
+                status, answer = await _route(request, body, dispatch, token)
+                try:
+                    await _respond(conn, stream, status, answer)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                    return
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
+
+
+class _Done(Exception):
+    pass
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.body = _dump({"error": message})
+
+
+async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[h11.Request, bytes]:
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Reject(400, f"bad HTTP: {exc}") from None
+        if event is h11.NEED_DATA:
+            with trio.move_on_after(IDLE_S) as idle:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise _Done from None
+            if idle.cancelled_caught:
+                raise _Done
+            conn.receive_data(data)
+            if not data and request is None:
+                raise _Done
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+            length = _header(event, b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                raise _Reject(413, f"the body may hold at most {MAX_BODY} bytes")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise _Reject(413, f"the body may hold at most {MAX_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed | h11.PAUSED):
+            raise _Done
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+async def _route(
+    request: h11.Request, body: bytes, dispatch: Dispatch, token: str | None
+) -> tuple[int, bytes]:
+    if token is not None:
+        given = _header(request, b"authorization") or b""
+        expected = f"Bearer {token}".encode()
+        if not hmac.compare_digest(given, expected):
+            return 401, _dump({"error": "missing or wrong bearer token (see rpc.token)"})
+    if request.target.split(b"?")[0] not in (b"/", b"/rpc"):
+        return 404, _dump({"error": "POST JSON-RPC 2.0 requests to /"})
+    if request.method != b"POST":
+        return 405, _dump({"error": "use POST with a JSON-RPC 2.0 body"})
+    answer = await handle_payload(body, dispatch)
+    return (200, answer) if answer is not None else (204, b"")
+
+
+async def _respond(
+    conn: h11.Connection, stream: trio.abc.Stream, status: int, body: bytes, *, close: bool = False
+) -> None:
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    if close:
+        headers.append(("connection", "close"))
+    out = conn.send(h11.Response(status_code=status, headers=headers))
+    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") if body else out or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(out)
+
+
+# -- listeners -------------------------------------------------------------------
+
+
+def load_or_create_token(path: Path) -> str:
+    """The TCP bearer token, created on first use (mode 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        token = path.read_text(encoding="ascii").strip()
+        if len(token) >= 32:
+            return token
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)
+    return token
+
+
+async def open_unix_listener(path: Path) -> trio.SocketListener:
+    """A Unix socket only this user may connect to (created under umask 077)."""
+    if path.exists() or path.is_symlink():
+        path.unlink()  # a stale socket: the node lock says no other node runs here
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+async def serve(
+    listeners: list[tuple[trio.SocketListener, str | None]],
+    dispatch: Dispatch,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve every listener (each with its token, or None) until cancelled."""
+    limit = trio.CapacityLimiter(MAX_CLIENTS)
+    async with trio.open_nursery() as nursery:
+        for listener, token in listeners:
+
+            async def handler(stream: trio.SocketStream, token: str | None = token) -> None:
+                try:
+                    await serve_http(stream, dispatch, token, limit)
+                except Exception:  # one client's trouble never stops the server
+                    log.exception("RPC connection failed")
+
+            nursery.start_soon(_accept, listener, handler)
+        task_status.started()
+
+
+async def _accept(
+    listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> None:
+    async with listener:
+        await trio.serve_listeners(handler, [listener])
