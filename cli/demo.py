@@ -300,15 +300,16 @@ def _run(nodes: list[Daemon], quick: bool) -> None:  # noqa: PLR0915 (a script)
         tallies = [n.rpc.call("proposal.show", proposal=proposal)["tally"] for n in nodes]
         if any(t != tallies[0] for t in tallies):
             raise DemoFailed("the nodes count the vote differently")
-        click.echo(f"    every node counts the same: {_tally_line(tallies[0])}")
+        options = ["yes", "no"]
+        click.echo(f"    every node counts the same: {_tally_line(tallies[0], options)}")
     click.secho(f"Every node converged: state hash {final[:16]}…", fg="green", bold=True)
 
 
-def _tally_line(tally: Any) -> str:
-    if not isinstance(tally, dict):
-        return str(tally)
-    counts = tally.get("counts") or tally.get("votes") or tally
-    return str(counts)
+def _tally_line(tally: Any, options: list[str]) -> str:
+    counts = ", ".join(f"{o} {n}" for o, n in zip(options, tally["counts"], strict=False))
+    winner = " and ".join(options[w] for w in tally["winners"])
+    reasons = [b["reasoning"] for ballots in tally["circles"].values() for b in ballots]
+    return f"{counts}: {winner} ({tally['voters']} voters, reasons published: {len(reasons)})"
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ def _target(home: str | Path | None, url: str | None) -> tuple[str, Path | None,
     return "http://archipel/", where.rpc_socket, str(where.root)
 
 
+def _wait_of(params: dict[str, Any]) -> float:
+    """How long the node may hold the call (a long poll): added to the HTTP timeout."""
+    wait = params.get("timeout_s", 0)
+    return float(wait) if isinstance(wait, int | float) and 0 < wait < 3600 else 0.0
+
+
 def _request(method: str, params: dict[str, Any], ident: int) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": ident, "method": method, "params": params}
 
@@ -106,7 +112,7 @@ class Client:
     def call(self, method: str, /, **params: Any) -> Any:
         """Call ``method`` with named params; returns its result or raises :class:`RpcError`."""
         body = _request(method, params, next(self._ids))
-        wait = float(params.get("timeout_s", 0) or 0)
+        wait = _wait_of(params)
         try:
             response = self._http.post(self._url, json=body, timeout=DEFAULT_TIMEOUT_S + wait)
         except httpx.TransportError as exc:
@@ -153,7 +159,7 @@ class AsyncClient:
 
     async def call(self, method: str, /, **params: Any) -> Any:
         body = _request(method, params, next(self._ids))
-        wait = float(params.get("timeout_s", 0) or 0)
+        wait = _wait_of(params)
         try:
             response = await self._http.post(self._url, json=body, timeout=DEFAULT_TIMEOUT_S + wait)
         except httpx.TransportError as exc:
