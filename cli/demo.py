@@ -122,7 +122,7 @@ def _converge(nodes: list[Daemon], say: bool = True) -> str:
             if say:
                 click.echo(f"    all {len(nodes)} nodes: {status[0]['ops']} ops, state hash "
                            f"{status[0]['state_hash'][:16]}…")  # fmt: skip
-            return hashes.pop()
+            return str(hashes.pop())
         if time.monotonic() > deadline:
             seen = [f"{n.name}={s['ops']} ops" for n, s in zip(nodes, status, strict=True)]
             raise DemoFailed("the nodes did not converge: " + ", ".join(seen))

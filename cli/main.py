@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import click
 import trio
 
-from archipel.crdt import found_federation
+from archipel.crdt import Value, found_federation
 from archipel.crdt.genesis import Params
 from archipel.daemon import config as config_mod
 from archipel.daemon import identity as identity_mod
@@ -24,6 +25,11 @@ from ._common import friendly_errors, home_option, resolve_home
 from .commands import register
 from .demo import demo
 from .sim import sim
+
+if TYPE_CHECKING:
+    # py-libp2p pulls in trio-typing, whose trio-stubs shadow trio's own annotations;
+    # TaskStatus lives in trio_typing there.
+    from trio_typing import TaskStatus
 
 
 @click.group()
@@ -68,7 +74,7 @@ def init(cell: str, federation: str | None, admission_endorsements: int, home: s
     with NodeLock(where):
         ident = identity_mod.Identity.generate(cell)
         if federation is not None:
-            body = {
+            body: dict[str, Value] = {
                 "name": cell,
                 "members": [ident.member_public],
                 "devices": [ident.device_public],
@@ -174,7 +180,7 @@ def run(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
-                async def run_node(task_status: trio.TaskStatus[None]) -> None:
+                async def run_node(task_status: TaskStatus[None]) -> None:
                     try:
                         await node.run(task_status=task_status)
                     finally:

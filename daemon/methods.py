@@ -30,6 +30,7 @@ import trio
 from archipel.crdt import CapacityError, InvalidOp, Op, Value, decode_op, ts_ms
 from archipel.crdt.aid import Aid
 from archipel.crdt.alerts import Alerts
+from archipel.crdt.authority import DEVICE, MEMBER
 from archipel.crdt.councils import Councils
 from archipel.crdt.decisions import Decisions
 from archipel.crdt.ledger import Ledger
@@ -304,7 +305,11 @@ class Methods:
             assert replica is not None
             authority = replica.authority
             return [
-                {**to_json(c), "members": [k.hex() for k in authority.keys_of(c.id)]}
+                {
+                    **to_json(c),
+                    "members": [k.hex() for k in authority.keys_of(c.id, role=MEMBER)],
+                    "devices": [k.hex() for k in authority.keys_of(c.id, role=DEVICE)],
+                }
                 for c in authority.cells()
             ]
 
@@ -355,7 +360,7 @@ class Methods:
             if found is None:
                 raise RpcError(NOT_FOUND, f"no proposal {ident.hex()}", "not_found")
             status_ = decisions.status(ident, now)
-            tally = decisions.tally(ident, now) if status_ == "sealed" else None
+            tally = decisions.tally(ident, now)  # provisional (final: false) until sealed
             return {"proposal": to_json(found), "status": status_, "tally": to_json(tally)}
 
         @q("mandates.live", "now_ms")
@@ -417,7 +422,9 @@ class Methods:
         @q("ledger.balances", "cell")
         async def balances(p: dict[str, Any]) -> Any:
             cell = Params(p, frozenset(p)).opt_id("cell")
-            return to_json(self._record(Ledger).balances(cell))
+            return [
+                {**to_json(b), "balance": b.balance} for b in self._record(Ledger).balances(cell)
+            ]
 
         @q("ledger.entries", "resource")
         async def entries(p: dict[str, Any]) -> Any:
@@ -475,18 +482,28 @@ class Methods:
                 "members": list(card.members),
                 "devices": list(card.devices),
             }
-            admitted = await self._author("cell.admit", body)
             ident = node.identity
             assert ident.secret is not None
-            code = make_invite(
-                ident.member,
-                federation=node.federation,
-                federation_name=ident.federation_name or "",
-                secret=ident.secret,
-                bootstrap=((node.device, tuple(node.listen_addrs)),),
-                admission=bytes.fromhex(admitted["id"]),
-                expires_ms=expires,
-            )
+            # Reachable addresses first (loopback ones only help on this machine), at most 8.
+            addrs = sorted(node.sync.me.addrs if node.sync else (), key=lambda a: "/127." in a)
+
+            def code_for(admission: bytes) -> str:
+                return make_invite(
+                    ident.member,
+                    federation=node.federation,
+                    federation_name=ident.federation_name or "unnamed",
+                    secret=ident.secret or b"",
+                    bootstrap=((node.device, tuple(addrs[:8])),),
+                    admission=admission,
+                    expires_ms=expires,
+                )
+
+            try:
+                code_for(bytes(32))  # a dry run: nothing is authored if the code cannot be made
+            except InvalidCode as exc:
+                raise RpcError(UNAVAILABLE, f"cannot make an invite: {exc}", "invite") from None
+            admitted = await self._author("cell.admit", body)
+            code = code_for(bytes.fromhex(admitted["id"]))
             return {"code": code, "admission": admitted["id"], "expires_ms": expires}
 
         @q("notes.list")

@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ifaddr
 import trio
@@ -58,6 +58,11 @@ from .transport import (
     peer_id_of,
     public_key_of,
 )
+
+if TYPE_CHECKING:
+    # py-libp2p pulls in trio-typing, whose trio-stubs shadow trio's own annotations;
+    # TaskStatus lives in trio_typing there.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("archipel.node")
 
@@ -230,7 +235,7 @@ class Node:
 
     # -- running ------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop` or cancellation; ``started`` once listening and synced up."""
         self.stats.started_ms = self.now_ms()
         lock = NodeLock(self.home)
@@ -250,7 +255,7 @@ class Node:
         finally:
             lock.release()
 
-    async def _run(self, store: Store, task_status: trio.TaskStatus[None]) -> None:
+    async def _run(self, store: Store, task_status: TaskStatus[None]) -> None:
         assert self.replica is not None
         async with trio.open_nursery() as outer:
             await outer.start(store.run)
@@ -318,7 +323,7 @@ class Node:
             sync.add_known(infos)
             sync.join(infos[0], self.now_ms())
 
-    async def _rpc(self, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _rpc(self, *, task_status: TaskStatus[None]) -> None:
         listeners: list[tuple[trio.SocketListener, str | None]] = [
             (await rpc.open_unix_listener(self.home.rpc_socket), None)
         ]
@@ -336,7 +341,7 @@ class Node:
 
     async def _mdns(self, addrs: tuple[str, ...]) -> None:
         assert self.identity.secret is not None
-        discovery = LanDiscovery(federation_tag(self.identity.secret), self.device, addrs)
+        secret = self.identity.secret
 
         def found(peer: bytes, peer_addrs: tuple[str, ...]) -> None:
             if self.sync is not None and self.is_allowed(peer):
@@ -344,6 +349,7 @@ class Node:
                 self._wake.set()
 
         try:
+            discovery = LanDiscovery(federation_tag(secret), self.device, addrs)
             await discovery.run(found)
         except Exception as exc:  # LAN discovery is a convenience: the node runs on without it
             log.warning("mDNS discovery stopped", **fields(error=repr(exc)))

@@ -27,7 +27,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
@@ -35,6 +35,11 @@ import trio
 from archipel.crdt import ArchipelError
 
 from .logs import fields
+
+if TYPE_CHECKING:
+    # py-libp2p pulls in trio-typing, whose trio-stubs shadow trio's own annotations;
+    # TaskStatus lives in trio_typing there.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("archipel.rpc")
 
@@ -291,7 +296,7 @@ async def serve(
     listeners: list[tuple[trio.SocketListener, str | None]],
     dispatch: Dispatch,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every listener (each with its token, or None) until cancelled."""
     limit = trio.CapacityLimiter(MAX_CLIENTS)
