@@ -36,5 +36,22 @@ def friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
             return fn(*args, **kwargs)
         except ArchipelError as exc:
             raise click.ClickException(str(exc)) from None
+        except BaseExceptionGroup as group:  # from inside trio.run
+            leaf = archipel_error_in(group)
+            if leaf is None:
+                raise
+            raise click.ClickException(str(leaf)) from None
 
     return wrapper
+
+
+def archipel_error_in(group: BaseExceptionGroup[BaseException]) -> ArchipelError | None:
+    """The first of our typed errors in a (nested) exception group, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, ArchipelError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = archipel_error_in(exc)
+            if found is not None:
+                return found
+    return None
