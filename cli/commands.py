@@ -669,9 +669,9 @@ def register(main: click.Group) -> None:
     """Add every RPC client command to the ``archipel`` group."""
     # records.py builds on this module's machinery, so it is imported here, once
     # this module is complete, rather than at the top (which would be circular).
-    from . import records  # noqa: PLC0415
+    from . import commons, records  # noqa: PLC0415
 
     for command in (status, peers, cells, invite, call, events, log, note):
         main.add_command(command)
-    for command in records.COMMANDS:
+    for command in (*records.COMMANDS, *commons.COMMANDS):
         main.add_command(command)
