@@ -349,7 +349,12 @@ class Node:
                 self._wake.set()
 
         try:
-            discovery = LanDiscovery(federation_tag(secret), self.device, addrs)
+            # A node listening on loopback only advertises there only.
+            local = all("/ip4/127." in a or "/ip6/::1/" in a for a in addrs)
+            interfaces = ["127.0.0.1"] if local else None
+            discovery = LanDiscovery(
+                federation_tag(secret), self.device, addrs, interfaces=interfaces
+            )
             await discovery.run(found)
         except Exception as exc:  # LAN discovery is a convenience: the node runs on without it
             log.warning("mDNS discovery stopped", **fields(error=repr(exc)))

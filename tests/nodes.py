@@ -91,10 +91,14 @@ def config(bootstrap: Sequence[str] = (), **network: object) -> Config:
 
 @asynccontextmanager
 async def running(
-    fed: Fed, index: int, bootstrap: Sequence[str] = (), ident: Identity | None = None
+    fed: Fed,
+    index: int,
+    bootstrap: Sequence[str] = (),
+    ident: Identity | None = None,
+    **network: object,
 ) -> AsyncIterator[Node]:
     """Run node ``index`` until the block ends (then stop it cleanly)."""
-    node = Node(fed.homes[index], config(bootstrap), ident or fed.identities[index])
+    node = Node(fed.homes[index], config(bootstrap, **network), ident or fed.identities[index])
     node.on_op(lambda op: fed.changed.set())
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)

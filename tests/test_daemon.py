@@ -79,3 +79,12 @@ async def test_forged_ops_are_rejected_and_not_forwarded(tmp_path: Path) -> None
                 await until(fed, lambda: converged([a, c], 3))
                 assert forged.id not in c.replica.graph
                 assert forged.id not in a.replica.graph
+
+
+async def test_nodes_find_each_other_on_the_lan_by_mdns(tmp_path: Path) -> None:
+    """No bootstrap address: two nodes listening on loopback meet through mDNS there."""
+    fed = federation_on_disk(tmp_path, 2)
+    with trio.fail_after(CAP_S):
+        async with running(fed, 0, mdns=True) as a, running(fed, 1, mdns=True) as b:
+            await a.author("note", {"text": "found you"})
+            await until(fed, lambda: converged([a, b], 2))
