@@ -22,9 +22,20 @@ on an open connection; what breaks is the connection (a partition, a crash),
 and frames in flight on it are lost with it. So message loss is modelled as
 connection breaks, not as dropped frames.
 
+Timers: a node is called (:meth:`SyncNode.handle_timer`) only when its
+earliest deadline has come. A timer event armed for a deadline that has
+since moved is stale: it is skipped (a newer one is queued) or, if the
+deadline moved later, re-armed without calling the node.
+
 Latency: ``latency_ms`` (fixed, or drawn per message), or
 ``link_latency(rng, src, dst)`` per link when set (clusters joined by slower
 links); draws come from one generator per direction, seeded from ``rng``.
+Bandwidth (``link_bandwidth(src, dst)``, bytes per second, 0: unlimited):
+a link direction sends one message at a time, so a message waits until the
+link is free (a queue), takes ``size / bandwidth`` to transmit, then the
+latency to arrive. A connection that breaks drops its queue. Links exist
+between every pair unless ``links`` names the pairs that do (a dial along
+any other fails).
 Events at the same instant run in an order fixed by their connection, not
 by the order a node listed its actions (which may follow a set's iteration
 order, and so Python's hash seed): a run is reproducible across processes.
@@ -51,13 +62,18 @@ _KIND_OF_TAG = {tag: kind.__name__ for kind, tag in TAGS.items()}
 LinkLatency = Callable[[random.Random, bytes, bytes], int]
 """Latency of one message from ``src`` to ``dst`` (ms), drawn from the rng."""
 
+LinkBandwidth = Callable[[bytes, bytes], int]
+"""Bytes per second of the link from ``src`` to ``dst`` (0: unlimited)."""
+
 
 @dataclass(slots=True)
 class _Host:
     info: PeerInfo
     replica: Replica
     node: SyncNode | None
-    timer_at: int | None = None
+    timer_at: int | None = None  # when the live timer event fires (virtual time)
+    timer_token: int = 0  # which queued timer event is the live one
+    deadline: int | None = None  # the node's next_deadline() after the last call into it
     skew_ms: int = 0
 
 
@@ -75,6 +91,15 @@ class Stats:
     """Events processed (calls into nodes, deliveries, timers)."""
     peak_pending: int = 0
     """The largest pending set (ops waiting for deps) any replica had."""
+    timers: int = 0
+    """Calls to a node's ``handle_timer`` (its deadline had come)."""
+    stale_timers: int = 0
+    """Timer events skipped or re-armed: the deadline had moved."""
+    queued: int = 0
+    """Messages that waited for a busy link (bandwidth limits)."""
+    queued_ms: int = 0
+    """Their total wait (ms), and the longest one."""
+    max_queued_ms: int = 0
 
 
 class Network:
@@ -89,12 +114,16 @@ class Network:
         config: SyncConfig | None = None,
         push_limits: PushLimits | None = None,
         link_latency: LinkLatency | None = None,
+        link_bandwidth: LinkBandwidth | None = None,
+        links: frozenset[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.rng = rng
         self.now_ms = now_ms
         self.config = config
         self.push_limits = push_limits
         self.link_latency = link_latency
+        self.link_bandwidth = link_bandwidth
+        self.links = links
         self.stats = Stats()
         self._latency = latency_ms
         # Events at one instant run in an order that depends only on what
@@ -106,8 +135,12 @@ class Network:
         self._link_seed = rng.getrandbits(64)
         self._link_rngs: dict[tuple[bytes, bytes], random.Random] = {}
         self._hosts: dict[bytes, _Host] = {}
-        self._connections: set[frozenset[bytes]] = set()
+        # Both directions of every open connection, to the connection's number:
+        # a frame sent on one connection is never delivered on a later one.
+        self._connections: dict[tuple[bytes, bytes], int] = {}
+        self._opened = 0
         self._last_arrival: dict[tuple[bytes, bytes], int] = {}
+        self._link_free_us: dict[tuple[bytes, bytes], int] = {}
         self._groups: dict[bytes, int] | None = None
         self._bridges: frozenset[bytes] = frozenset()
 
@@ -130,6 +163,7 @@ class Network:
             )
         host.node = node
         host.timer_at = None
+        host.timer_token += 1
         self._after_call(peer_id)
         return node
 
@@ -163,8 +197,10 @@ class Network:
 
     def set_skew(self, peer_id: bytes, skew_ms: int) -> None:
         """From now on the node's clock reads ``skew_ms`` ahead (or behind)."""
-        self._hosts[peer_id].skew_ms = skew_ms
-        self._hosts[peer_id].timer_at = None
+        host = self._hosts[peer_id]
+        host.skew_ms = skew_ms
+        host.timer_at = None  # the queued timer event goes stale
+        host.timer_token += 1
         self._after_call(peer_id)  # re-arm its timer on the shifted clock
 
     # -- driving ------------------------------------------------------------------
@@ -206,8 +242,7 @@ class Network:
         for index, group in enumerate(groups):
             for peer in group:
                 self._groups[peer] = index
-        for pair in sorted(self._connections, key=sorted):
-            a, b = sorted(pair)
+        for a, b in sorted(pair for pair in self._connections if pair[0] < pair[1]):
             if not self._reachable(a, b):
                 self._break(a, b)
 
@@ -219,9 +254,9 @@ class Network:
         """The node stops: its connections break, its session state is lost."""
         host = self._hosts[peer_id]
         host.node = None
-        for pair in sorted((p for p in self._connections if peer_id in p), key=sorted):
-            a, b = sorted(pair)
-            self._break(a, b)
+        host.timer_at = None
+        for a, b in sorted(p for p in self._connections if p[0] == peer_id):
+            self._break(*sorted((a, b)))
 
     def restart(self, peer_id: bytes, contact: bytes | None = None) -> SyncNode:
         node = self._boot(peer_id)
@@ -254,6 +289,8 @@ class Network:
     def _reachable(self, a: bytes, b: bytes) -> bool:
         if self._hosts[a].node is None or self._hosts[b].node is None:
             return False
+        if self.links is not None and (a, b) not in self.links:
+            return False
         if self._groups is None or a in self._bridges or b in self._bridges:
             return True
         return self._groups.get(a, -1) == self._groups.get(b, -1)
@@ -273,41 +310,60 @@ class Network:
         pending = host.replica.graph.pending_count()
         self.stats.peak_pending = max(self.stats.peak_pending, pending)
         for action in node.actions():
-            if isinstance(action, Dial):
-                self._dial(peer_id, action.peer.id)
-            elif isinstance(action, Transmit):
+            if isinstance(action, Transmit):
                 self._transmit(peer_id, action.peer, action.data)
+            elif isinstance(action, Dial):
+                self._dial(peer_id, action.peer.id)
             elif isinstance(action, Hangup):
                 self._hangup(peer_id, action.peer)
-        deadline = node.next_deadline()
-        if deadline is not None:
-            deadline -= host.skew_ms  # the node's clock to virtual time
-        if deadline is not None and (host.timer_at is None or deadline < host.timer_at):
-            host.timer_at = deadline
-            self._schedule(
-                max(deadline, self.now_ms), b"t" + peer_id, lambda: self._timer(peer_id, node)
-            )
+        host.deadline = node.next_deadline()
+        self._arm(peer_id, host, node, host.deadline)
 
-    def _timer(self, peer_id: bytes, node: SyncNode) -> None:
+    def _arm(self, peer_id: bytes, host: _Host, node: SyncNode, deadline: int | None) -> None:
+        """Queue a timer event for ``deadline`` (the node's clock) unless an
+        earlier one is queued already."""
+        if deadline is None:
+            return
+        at = max(deadline - host.skew_ms, self.now_ms)  # the node's clock to virtual time
+        if host.timer_at is None or at < host.timer_at:
+            host.timer_at = at
+            host.timer_token += 1
+            token = host.timer_token
+            self._schedule(at, b"t" + peer_id, lambda: self._timer(peer_id, node, token))
+
+    def _timer(self, peer_id: bytes, node: SyncNode, token: int) -> None:
         host = self._hosts[peer_id]
-        if host.node is not node:
-            return  # the node crashed since
+        if host.node is not node or host.timer_token != token:
+            self.stats.stale_timers += 1
+            return  # the node crashed since, or a newer timer event is queued
         host.timer_at = None
+        # A node's deadline changes only when it is called, and every call ends
+        # in _after_call, which noted it: no need to ask the node again.
+        deadline = host.deadline
+        if deadline is None or deadline - host.skew_ms > self.now_ms:
+            self.stats.stale_timers += 1
+            self._arm(peer_id, host, node, deadline)  # the deadline moved later
+            return
+        self.stats.timers += 1
         node.handle_timer(self.now_ms + host.skew_ms)
         self._after_call(peer_id)
 
     def _dial(self, src: bytes, dst: bytes) -> None:
         self.stats.dials += 1
-        pair = frozenset((src, dst))
         at = self.now_ms + self._delay(src, dst)
-        if dst not in self._hosts or not self._reachable(src, dst) or pair in self._connections:
+        if (
+            dst not in self._hosts
+            or not self._reachable(src, dst)
+            or (src, dst) in self._connections
+        ):
             self._schedule(
                 at,
                 b"c" + src + dst,
                 lambda: self._call(src, lambda n, now: n.connection_failed(dst, now)),
             )
             return
-        self._connections.add(pair)
+        self._opened += 1
+        self._connections[(src, dst)] = self._connections[(dst, src)] = self._opened
         self._schedule(at, b"c" + dst + src, lambda: self._made(dst, src, initiator=False))
         self._schedule(at, b"c" + src + dst, lambda: self._made(src, dst, initiator=True))
 
@@ -317,48 +373,73 @@ class Network:
     def _lost(self, end: bytes, other: bytes) -> None:
         self._call(end, lambda n, now: n.connection_lost(other, now))
 
-    def _arrival(self, src: bytes, dst: bytes) -> int:
-        """Arrival time of the next message from src to dst: in order per direction."""
-        at = max(self.now_ms + self._delay(src, dst), self._last_arrival.get((src, dst), 0))
+    def _arrival(self, src: bytes, dst: bytes, size: int) -> int:
+        """Arrival time of the next message from src to dst: after the link has
+        sent what it queued before and this one (bandwidth), then the latency;
+        in order per direction."""
+        sent = self.now_ms
+        if self.link_bandwidth is not None and size:
+            per_s = self.link_bandwidth(src, dst)
+            if per_s > 0:
+                now_us = self.now_ms * 1_000
+                start = max(now_us, self._link_free_us.get((src, dst), 0))
+                done = start + -(-size * 1_000_000 // per_s)
+                self._link_free_us[(src, dst)] = done
+                sent = -(-done // 1_000)
+                if start > now_us:
+                    waited = -(-(start - now_us) // 1_000)
+                    stats = self.stats
+                    stats.queued += 1
+                    stats.queued_ms += waited
+                    stats.max_queued_ms = max(stats.max_queued_ms, waited)
+        at = max(sent + self._delay(src, dst), self._last_arrival.get((src, dst), 0))
         self._last_arrival[(src, dst)] = at
         return at
 
     def _transmit(self, src: bytes, dst: bytes, data: bytes) -> None:
-        if frozenset((src, dst)) not in self._connections:
+        connection = self._connections.get((src, dst))
+        if connection is None:
             self.stats.dropped += 1
             return
         self._count(data)
-        at = self._arrival(src, dst)
-        self._schedule(at, b"d" + dst + src, lambda: self._deliver(src, dst, data))
+        at = self._arrival(src, dst, len(data))
+        self._schedule(at, b"d" + dst + src, lambda: self._deliver(src, dst, data, connection))
 
-    def _deliver(self, src: bytes, dst: bytes, data: bytes) -> None:
-        if frozenset((src, dst)) in self._connections:
+    def _deliver(self, src: bytes, dst: bytes, data: bytes, connection: int) -> None:
+        if self._connections.get((src, dst)) == connection:
             self._call(dst, lambda n, now: n.data_received(src, data, now))
 
     def _hangup(self, src: bytes, dst: bytes) -> None:
-        pair = frozenset((src, dst))
-        if pair not in self._connections:
+        connection = self._connections.get((src, dst))
+        if connection is None:
             return
-        at = self._arrival(src, dst)
+        at = self._arrival(src, dst, 0)
 
         def close() -> None:
-            if pair in self._connections:
-                self._connections.discard(pair)
+            if self._connections.get((src, dst)) == connection:
+                self._drop(src, dst)
                 self._lost(dst, src)
 
         self._schedule(at, b"d" + dst + src, close)
 
+    def _drop(self, a: bytes, b: bytes) -> None:
+        """Forget the connection between a and b, and what its links queued."""
+        for pair in ((a, b), (b, a)):
+            self._connections.pop(pair, None)
+            self._link_free_us.pop(pair, None)
+
     def _break(self, a: bytes, b: bytes) -> None:
         """A connection breaks (partition or crash): both ends learn it."""
-        self._connections.discard(frozenset((a, b)))
+        self._drop(a, b)
         self._schedule(self.now_ms, b"c" + a + b, lambda: self._lost(a, b))
         self._schedule(self.now_ms, b"c" + b + a, lambda: self._lost(b, a))
 
     def _count(self, data: bytes) -> None:
         """Count the frames in ``data`` by type: a session writes whole frames,
         each a length prefix then a msgpack array whose second byte is the tag."""
-        self.stats.bytes += len(data)
-        per_kind = self.stats.per_kind
+        stats = self.stats
+        stats.bytes += len(data)
+        per_kind = stats.per_kind
         pos, end = 0, len(data)
         for _ in range(end):  # at most one frame per byte
             if pos + LENGTH_BYTES + 2 > end:
@@ -366,7 +447,7 @@ class Network:
             length = int.from_bytes(data[pos : pos + LENGTH_BYTES], "big")
             kind = _KIND_OF_TAG.get(data[pos + LENGTH_BYTES + 1], "unknown")
             per_kind[kind] = per_kind.get(kind, 0) + 1
-            self.stats.frames += 1
+            stats.frames += 1
             pos += LENGTH_BYTES + length
 
 

@@ -3,34 +3,36 @@
 Theory of operation. :func:`run` builds one federation (the workload's
 genesis and members), one replica and one real :class:`SyncNode` per node on
 a :class:`~archipel.simulations.network.Network`, lets the nodes join along
-the scenario's topology, then plays a schedule merged from three sources in
-time order: operations (Poisson arrivals at ``rate`` per node; a write
-authors a real op on the node's own replica and publishes it, a read records
-what the node holds), faults (partitions, crashes, losses, churn, clock
-skew, each with its heal) and samples (every ``sample_ms``: state-hash
-agreement, and whether the ops acknowledged before each heal have reached
-every live node). After the workload, crashed nodes come back and the run
-goes on quietly until every live node holds the same ops, or ``settle_ms``.
+the scenario's topology (:mod:`.topology`), then plays a schedule merged
+from three sources in time order: operations (Poisson arrivals at ``rate``
+per node; a write authors a real op on the node's own replica and publishes
+it, a read records what the node holds), faults (partitions, crashes,
+losses, churn, clock skew, each with its heal; scheduled, or arriving at
+random at a rate) and samples (every ``sample_ms``: state-hash agreement,
+traffic so far for the time series, and whether the ops acknowledged before
+each heal have reached every live node). After the workload, crashed nodes
+come back and the run goes on quietly until every live node holds the same
+ops, or ``settle_ms``.
 
 Each replica reports every op it applies (:class:`_Observed`), which gives
 delivery times per op and node. Everything random comes from one
-``random.Random(seed)`` (the workload and the schedule draw from child
-generators seeded from it), so a run is a function of (scenario, seed, code
-version). The report holds no wall-clock figure; :class:`Result` carries
-the wall time and events per second beside it.
+``random.Random(seed)`` (the workload, the schedule and each fault arriving
+at a rate draw from child generators seeded from it), so a run is a function
+of (scenario, seed, code version). The report holds no wall-clock figure;
+:class:`Result` carries the wall time and events per second beside it, and
+the optional ``progress`` callback sees simulated time only.
 """
 
 from __future__ import annotations
 
 import heapq
 import importlib.metadata
-import json
 import math
 import random
 import time
-from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +40,22 @@ from archipel.crdt import Op, Replica
 from archipel.protocol.node import SyncConfig
 from archipel.protocol.plumtree import PushLimits
 
-from .network import LinkLatency, Network
-from .scenario import Fault, Latency, Scenario
+from . import topology
+from .network import Network
+from .plots import PAYLOAD_KINDS, latencies, report_json, summary
+from .plots import traffic as _traffic
+from .scenario import Fault, Scenario
+from .topology import peer_id
 from .workload import Workload
 
+__all__ = ["T0", "Progress", "Result", "peer_id", "report_json", "run", "summary", "write"]
+
 T0 = 1_750_000_000_000
-PAYLOAD_KINDS = ("Push", "Ops")
-"""Frames that carry ops; every other frame is control."""
+
+Progress = Callable[[int, int], None]
+"""``progress(sim_ms_done, sim_ms_total)``, called as simulated time passes."""
+
+Action = Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +65,21 @@ class Result:
     report: dict[str, Any]
     wall_s: float
     events: int
+    cpu_s: float = 0.0  # this process's CPU time: steadier than wall time on a busy machine
 
     @property
     def events_per_s(self) -> float:
         return self.events / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def events_per_cpu_s(self) -> float:
+        return self.events / self.cpu_s if self.cpu_s > 0 else 0.0
+
     def json(self) -> str:
         return report_json(self.report)
 
     def markdown(self) -> str:
-        return summary(self.report, self)
+        return summary(self.report, self.wall_s, self.cpu_s)
 
 
 class _Observed(Replica):
@@ -86,6 +102,21 @@ class _Heal:
     what: str
     awaited: list[bytes]
     caught_up_ms: int | None = None
+    checked: int = 0  # awaited[:checked] were on every live node when last sampled
+    live: tuple[int, ...] = ()  # ... which were these
+
+
+@dataclass(slots=True)
+class _Window:
+    """A stretch of the run a fault lasted (for the plots' shading)."""
+
+    kind: str
+    from_ms: int
+    to_ms: int | None = None
+
+
+SERIES = ("t_ms", "live_nodes", "writes", "reads", "frames", "payload_frames", "bytes")
+"""The time series sampled every ``sample_ms`` (cumulative from the workload's start)."""
 
 
 @dataclass(slots=True)
@@ -98,25 +129,26 @@ class _State:
     lost: set[int] = field(default_factory=set)  # gone for good
     heals: list[_Heal] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
+    windows: list[_Window] = field(default_factory=list)
     agreement: list[tuple[int, float]] = field(default_factory=list)
+    series: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in SERIES})
 
 
-def peer_id(index: int) -> bytes:
-    return (b"sim-node-%06d" % index).ljust(32, b"\x00")
-
-
-def run(scenario: Scenario, seed: int | None = None) -> Result:
-    """Play ``scenario`` with ``seed`` (default: the scenario's own)."""
-    began = time.perf_counter()
-    sim = _Simulation(scenario, scenario.seed if seed is None else seed)
+def run(scenario: Scenario, seed: int | None = None, progress: Progress | None = None) -> Result:
+    """Play ``scenario`` with ``seed`` (default: the scenario's own); call
+    ``progress`` as simulated time passes (nothing in the report depends on it)."""
+    began, cpu = time.perf_counter(), time.process_time()
+    sim = _Simulation(scenario, scenario.seed if seed is None else seed, progress)
     report = sim.play()
-    return Result(report, time.perf_counter() - began, sim.net.stats.events)
+    wall_s, cpu_s = time.perf_counter() - began, time.process_time() - cpu
+    return Result(report, wall_s, sim.net.stats.events, cpu_s)
 
 
 class _Simulation:
-    def __init__(self, scenario: Scenario, seed: int) -> None:
+    def __init__(self, scenario: Scenario, seed: int, progress: Progress | None = None) -> None:
         self.scenario = scenario
         self.seed = seed
+        self.progress = progress
         # Seeded simulation randomness, not cryptography (S311).
         self.rng = random.Random(seed)  # noqa: S311
         self.plan_rng = random.Random(self.rng.getrandbits(64))  # noqa: S311
@@ -131,14 +163,17 @@ class _Simulation:
         )
         self.members = [list(range(i, len(self.workload.members), n)) for i in range(n)]
         self.state = _State()
-        self.known: list[list[int]] = []
+        self.known = topology.known(scenario, self.plan_rng)
         protocol = scenario.protocol
         self.net = Network(
             self.rng,
             T0,
             config=SyncConfig(**protocol.sync) if protocol.sync else None,
             push_limits=PushLimits(**protocol.push) if protocol.push else None,
-            link_latency=_link_latency(scenario),
+            latency_ms=scenario.latency.ms,
+            link_latency=topology.link_latency(scenario),
+            link_bandwidth=topology.link_bandwidth(scenario),
+            links=topology.links(scenario, self.known),
         )
         genesis = self.workload.genesis
         self.replicas: list[Replica] = []
@@ -149,11 +184,17 @@ class _Simulation:
             self.net.add(peer_id(i), replica)
         self.start_ms = T0 + scenario.workload.warmup_ms
         self.end_ms = self.start_ms + scenario.duration_ms
+        self.total_ms = self.end_ms + scenario.settle_ms - T0
+        self.at_start = _snapshot(self.net)
+        self._partition_window: _Window | None = None
 
     def _applied_at(self, node: int) -> Callable[[Op], None]:
+        written = self.state.written
+        arrivals = self.state.arrivals
+
         def applied(op: Op) -> None:
-            if op.id in self.state.written:
-                self.state.arrivals[op.id][node] = self.net.now_ms
+            if op.id in written:
+                arrivals[op.id][node] = self.net.now_ms
 
         return applied
 
@@ -165,30 +206,33 @@ class _Simulation:
     def play(self) -> dict[str, Any]:
         self._join()
         schedule = self._schedule()
-        at_start = None
+        started = False
         for _ in range(len(schedule)):
             at, _, action = heapq.heappop(schedule)
             self.net.run_until(at)
-            if at_start is None and at >= self.start_ms:
-                at_start = _snapshot(self.net)
+            if not started and at >= self.start_ms:
+                started = True
+                self.at_start = _snapshot(self.net)
             action()
         self._finish()
         settled = self._settle()
-        return self._report(at_start or _snapshot(self.net), settled)
+        if self.progress is not None:
+            self.progress(self.total_ms, self.total_ms)
+        return self._report(settled)
 
     def _join(self) -> None:
-        self.known = known = _known(self.scenario, self.plan_rng)
+        known = self.known
         for i in range(1, self.scenario.nodes):
             contact = known[i][self.plan_rng.randrange(len(known[i]))]
             self.net.run_until(T0 + i * 10)
             self.net.join(peer_id(i), peer_id(contact), [peer_id(k) for k in known[i]])
         self.net.add_known_to(peer_id(0), [peer_id(k) for k in known[0]])
 
-    def _schedule(self) -> list[tuple[int, int, Callable[[], None]]]:
+    def _schedule(self) -> list[tuple[int, int, Action]]:
         s = self.scenario
-        events: list[tuple[int, int, Callable[[], None]]] = []
+        events: list[tuple[int, int, Action]] = []
 
-        def add(at: int, action: Callable[[], None]) -> None:
+        def add(at: int, action: Action) -> None:
             events.append((at, len(events), action))
 
         total_rate = s.workload.rate * s.nodes / 1_000  # per ms
@@ -206,8 +250,16 @@ class _Simulation:
                 add(when, action)
         for t in range(self.start_ms, self.end_ms, s.sample_ms):
             add(t, self._sample)
+        # Progress during the warm-up; running the network in steps changes
+        # nothing (events run in the same order whatever the steps).
+        for t in range(self.net.now_ms, self.start_ms, s.sample_ms):
+            add(t, self._tick)
         heapq.heapify(events)
         return events
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress(self.net.now_ms - T0, self.total_ms)
 
     def _at(self, fraction: float) -> int:
         return self.start_ms + int(fraction * self.scenario.duration_ms)
@@ -233,10 +285,41 @@ class _Simulation:
         live = self.live()
         hashes = [self.replicas[i].state_hash() for i in live]
         top = max(hashes.count(h) for h in set(hashes))
-        self.state.agreement.append((self.net.now_ms - self.start_ms, top / len(live)))
-        for heal in self.state.heals:
-            if heal.caught_up_ms is None and self._everywhere(heal.awaited, live):
+        st = self.state
+        st.agreement.append((self.net.now_ms - self.start_ms, top / len(live)))
+        stats, base = self.net.stats, self.at_start
+        kinds, base_kinds = stats.per_kind, base["kinds"]
+        payload = sum(kinds.get(k, 0) - base_kinds.get(k, 0) for k in PAYLOAD_KINDS)
+        row = (
+            self.net.now_ms - self.start_ms,
+            len(live),
+            len(st.written),
+            len(st.reads),
+            stats.frames - base["frames"],
+            payload,
+            stats.bytes - base["bytes"],
+        )
+        for key, value in zip(SERIES, row, strict=True):
+            st.series[key].append(value)
+        for heal in st.heals:
+            if heal.caught_up_ms is None and self._caught_up(heal, live):
                 heal.caught_up_ms = self.net.now_ms - heal.at_ms
+        self._tick()
+
+    def _caught_up(self, heal: _Heal, live: Sequence[int]) -> bool:
+        """Whether every op awaited after ``heal`` is on every live node. An
+        op once everywhere stays there while the same nodes are live, so the
+        check resumes where the last one stopped."""
+        if heal.live != tuple(live):
+            heal.live, heal.checked = tuple(live), 0
+        arrivals = self.state.arrivals
+        for k in range(heal.checked, len(heal.awaited)):
+            seen = arrivals[heal.awaited[k]]
+            if len(seen) < len(live) or any(node not in seen for node in live):
+                heal.checked = k
+                return False
+        heal.checked = len(heal.awaited)
+        return True
 
     def _everywhere(self, ids: Sequence[bytes], live: Sequence[int]) -> bool:
         arrivals = self.state.arrivals
@@ -257,55 +340,118 @@ class _Simulation:
             {"at_ms": self.net.now_ms - self.start_ms, "event": what, **details}
         )
 
+    def _open(self, kind: str, instant: bool = False) -> _Window:
+        now = self.net.now_ms - self.start_ms
+        window = _Window(kind, now, now if instant else None)
+        self.state.windows.append(window)
+        return window
+
+    def _close(self, window: _Window | None) -> None:
+        if window is not None and window.to_ms is None:
+            window.to_ms = self.net.now_ms - self.start_ms
+
     # -- faults ---------------------------------------------------------------------
 
-    def _fault_actions(self, fault: Fault) -> list[tuple[int, Callable[[], None]]]:
+    def _fault_actions(self, fault: Fault) -> list[tuple[int, Action]]:
+        if fault.rate_per_min > 0:
+            return self._random_fault_actions(fault)
         start = self._at(fault.at)
         stop = self._at(fault.until) if fault.until is not None else None
-        actions: list[tuple[int, Callable[[], None]]] = []
+        actions: list[tuple[int, Action]] = []
         if fault.kind == "partition":
-            actions.append((start, lambda: self._partition(fault)))
+            actions.append((start, lambda: self._partition(fault, self.plan_rng)))
             if stop is not None:
                 actions.append((stop, self._heal))
         elif fault.kind in ("crash", "lose"):
-            victims: list[int] = []
-            actions.append((start, lambda: victims.extend(self._crash(fault))))
-            if stop is not None and fault.kind == "crash":
-                actions.append((stop, lambda: self._restart(victims, "restart")))
+            actions += self._outage(fault, self.plan_rng, start, stop)
         elif fault.kind == "churn":
             out: list[int] = []
             end = stop if stop is not None else self.end_ms
+            window: list[_Window] = []
+            actions.append((start, lambda: window.append(self._open("churn"))))
             steps = range(start + fault.interval_ms, end, fault.interval_ms)
             actions += [(t, lambda: self._churn(out)) for t in steps]
-            actions.append((end, lambda: self._restart(out, "churn ends")))
+            actions.append((end, lambda: self._restart(out, "churn ends", window)))
         elif fault.kind == "skew":
             actions.append((start, lambda: self._skew(fault.max_ms)))
         return actions
 
-    def _partition(self, fault: Fault) -> None:
+    def _random_fault_actions(self, fault: Fault) -> list[tuple[int, Action]]:
+        """Arrivals of ``fault`` at ``rate_per_min`` (a Poisson process) between
+        ``at`` and ``until``, from a generator of its own. A partition lasts a
+        drawn duration and the next one starts after its heal; crashes may
+        overlap. A heal or restart due after the workload happens at its end."""
+        rng = random.Random(self.plan_rng.getrandbits(64))  # noqa: S311 (a simulation)
+        start = self._at(fault.at)
+        stop = self._at(fault.until if fault.until is not None else 1.0)
+        per_ms = fault.rate_per_min / 60_000
+        actions: list[tuple[int, Action]] = []
+        at = float(start)
+        for _ in range(int(per_ms * (stop - start) * 4) + 16):  # bounded, as for the workload
+            at += rng.expovariate(per_ms)
+            if at >= stop:
+                break
+            when = int(at)
+            lasts = max(1, topology.draw(rng, fault.duration)) if fault.duration else None
+            end = when + lasts if lasts is not None and when + lasts < self.end_ms else None
+            if fault.kind == "partition":
+                actions.append((when, partial(self._partition, fault, rng)))
+                if end is not None:
+                    actions.append((end, self._heal))
+                at += lasts or 0
+            elif fault.kind in ("crash", "lose"):
+                actions += self._outage(fault, rng, when, end if fault.kind == "crash" else None)
+            elif fault.kind == "skew":
+                actions.append((when, partial(self._jump, fault.max_ms, rng)))
+        return actions
+
+    def _outage(
+        self, fault: Fault, rng: random.Random, start: int, stop: int | None
+    ) -> list[tuple[int, Action]]:
+        """A crash (or loss) at ``start``; the victims restart at ``stop``."""
+        victims: list[int] = []
+        window: list[_Window] = []
+
+        def crash() -> None:
+            victims.extend(self._crash(fault, rng))
+            window.append(self._open(fault.kind, instant=fault.kind == "lose"))
+
+        actions: list[tuple[int, Action]] = [(start, crash)]
+        if stop is not None and fault.kind == "crash":
+            actions.append((stop, lambda: self._restart(victims, "restart", window)))
+        return actions
+
+    def _partition(self, fault: Fault, rng: random.Random) -> None:
         nodes = list(range(self.scenario.nodes))
-        self.plan_rng.shuffle(nodes)
+        rng.shuffle(nodes)
         bridges = [nodes.pop()] if fault.shape == "bridge" else []
         count = 2 if fault.shape == "halves" else max(2, fault.islands)
         groups = [sorted(nodes[k::count]) for k in range(count)]
         self.net.partition([[peer_id(i) for i in g] for g in groups], [peer_id(b) for b in bridges])
         self._log("partition", shape=fault.shape, groups=groups, bridges=bridges)
+        self._close(self._partition_window)  # a new partition replaces the one in place
+        self._partition_window = self._open("partition")
 
     def _heal(self) -> None:
         self.net.heal()
+        self._close(self._partition_window)
+        self._partition_window = None
         self._healed("heal")
 
-    def _crash(self, fault: Fault) -> list[int]:
+    def _crash(self, fault: Fault, rng: random.Random) -> list[int]:
         candidates = [i for i in self.live() if i != 0]
-        count = min(len(candidates), round(fault.fraction * self.scenario.nodes))
-        victims = sorted(self.plan_rng.sample(candidates, count))
+        wanted = round(fault.fraction * self.scenario.nodes)
+        if fault.rate_per_min > 0 and fault.fraction == 0:
+            wanted = 1  # at a rate, one node at a time unless a fraction is given
+        count = min(len(candidates), wanted)
+        victims = sorted(rng.sample(candidates, count))
         for i in victims:
             self.net.crash(peer_id(i))
             (self.state.down if fault.kind == "crash" else self.state.lost).add(i)
         self._log(fault.kind, nodes=victims)
         return victims
 
-    def _restart(self, nodes: list[int], what: str) -> None:
+    def _restart(self, nodes: list[int], what: str, window: Sequence[_Window] = ()) -> None:
         back = sorted(i for i in nodes if i in self.state.down)
         for i in back:
             self.state.down.discard(i)
@@ -315,6 +461,8 @@ class _Simulation:
             self.net.restart(peer_id(i))
             self.net.join(peer_id(i), peer_id(contact), [peer_id(k) for k in self.known[i]])
         nodes.clear()
+        for w in window:
+            self._close(w)
         if back:
             self._healed(what)
 
@@ -335,6 +483,15 @@ class _Simulation:
         for i, offset in enumerate(offsets):
             self.net.set_skew(peer_id(i), offset)
         self._log("skew", offsets_ms=offsets)
+        self._open("skew", instant=True)
+
+    def _jump(self, max_ms: int, rng: random.Random) -> None:
+        """One node's clock jumps to a new offset (a skew fault at a rate)."""
+        node = rng.randrange(self.scenario.nodes)
+        offset = rng.randint(-max_ms, max_ms)
+        self.net.set_skew(peer_id(node), offset)
+        self._log("clock jump", node=node, offset_ms=offset)
+        self._open("skew", instant=True)
 
     # -- the end --------------------------------------------------------------------
 
@@ -345,6 +502,8 @@ class _Simulation:
             self._heal()
         if self.state.down:
             self._restart(sorted(self.state.down), "restart at end")
+        for window in self.state.windows:
+            self._close(window)
 
     def _settle(self) -> int | None:
         """Run quietly until every live node holds the same ops; when, or None."""
@@ -363,33 +522,13 @@ class _Simulation:
         self.state.reads += [(self.net.now_ms, i) for i in self.live()]
         return t - self.end_ms if t >= 0 else None
 
-    def _latencies(self, live: Sequence[int]) -> dict[str, Any]:
-        st = self.state
-        delivery = [
-            ms - st.written[i][0]
-            for i, per_node in st.arrivals.items()
-            for node, ms in per_node.items()
-            if node != st.written[i][1]
-        ]
-        everywhere = [
-            max(per_node.values()) - st.written[i][0]
-            for i, per_node in st.arrivals.items()
-            if all(n in per_node for n in live)
-        ]
-        stable, unstable = _stable_latencies(st.written, st.arrivals, st.reads, self.scenario.nodes)
-        return {
-            "delivery": _quantiles(delivery),
-            "delivery_to_all_live": _quantiles(everywhere),
-            "stable": _quantiles(stable),
-            "never_stable": unstable,
-        }
-
-    def _report(self, at_start: dict[str, Any], settled: int | None) -> dict[str, Any]:
+    def _report(self, settled: int | None) -> dict[str, Any]:
         s = self.scenario
         st = self.state
+        net = self.net.stats
         writes, reads = len(st.written), len(st.reads)
         operations = writes + reads
-        traffic = _traffic(at_start, _snapshot(self.net), writes, operations)
+        traffic = _traffic(self.at_start, _snapshot(self.net), writes, operations)
         live = self.live()
         gone = st.lost
         acked = self._acknowledged()
@@ -412,7 +551,16 @@ class _Simulation:
                 "live_nodes_at_end": len(live),
             },
             "messages": traffic,
-            "latency_ms": self._latencies(live),
+            "network": {
+                "dials": net.dials,
+                "frames_dropped": net.dropped,
+                "timer_calls": net.timers,
+                "stale_timer_events": net.stale_timers,
+                "queued_messages": net.queued,
+                "queued_ms_total": net.queued_ms,
+                "queued_ms_max": net.max_queued_ms,
+            },
+            "latency_ms": latencies(st.written, st.arrivals, st.reads, live, s.nodes),
             "convergence": {
                 "heals": [
                     {
@@ -426,11 +574,15 @@ class _Simulation:
                 "converged_ms_after_workload": settled,
                 "hash_agreement": [[t, round(f, 4)] for t, f in st.agreement],
             },
+            "series": {"interval_ms": s.sample_ms, **st.series},
             "acknowledged_ops_lost": lost,
             "ops_only_on_lost_nodes": only_gone,
-            "peak_pending": self.net.stats.peak_pending,
+            "peak_pending": net.peak_pending,
             "faults": st.faults,
-            "events": self.net.stats.events,
+            "fault_windows": [
+                {"kind": w.kind, "from_ms": w.from_ms, "to_ms": w.to_ms} for w in st.windows
+            ],
+            "events": net.events,
             "simulated_ms": self.net.now_ms - T0,
         }
 
@@ -438,166 +590,14 @@ class _Simulation:
 # -- helpers ----------------------------------------------------------------------
 
 
-def _draw(rng: random.Random, latency: Latency) -> int:
-    if latency.kind == "uniform":
-        return rng.randint(latency.low_ms, latency.high_ms)
-    if latency.kind == "lognormal":
-        drawn = rng.lognormvariate(math.log(max(latency.median_ms, 1)), latency.sigma)
-        return max(1, min(int(drawn), 60_000))
-    return latency.ms
-
-
-def _link_latency(scenario: Scenario) -> LinkLatency:
-    topology = scenario.topology
-    if topology.kind != "clusters":
-        return lambda rng, _src, _dst: _draw(rng, scenario.latency)
-    size = scenario.nodes
-    cluster = {peer_id(i): i * topology.clusters // size for i in range(size)}
-
-    def latency(rng: random.Random, src: bytes, dst: bytes) -> int:
-        same = cluster.get(src) == cluster.get(dst)
-        return _draw(rng, scenario.latency if same else topology.bridge)
-
-    return latency
-
-
-def _known(scenario: Scenario, rng: random.Random) -> list[list[int]]:
-    """The addresses each node starts with (it joins through one of them)."""
-    n = scenario.nodes
-    topology = scenario.topology
-    if topology.kind == "full-mesh":
-        return [[j for j in range(n) if j != i] for i in range(n)]
-    if topology.kind == "random-regular":
-        # A union of degree/2 random Hamiltonian cycles: every node has at
-        # most ``degree`` neighbours, nearly always exactly that many.
-        edges: list[set[int]] = [set() for _ in range(n)]
-        for _ in range(max(1, topology.degree // 2)):
-            order = list(range(n))
-            rng.shuffle(order)
-            for k in range(n):
-                a, b = order[k], order[(k + 1) % n]
-                if a != b:
-                    edges[a].add(b)
-                    edges[b].add(a)
-        return [sorted(e) for e in edges]
-    clusters = max(1, min(topology.clusters, n))
-    members: list[list[int]] = [[] for _ in range(clusters)]
-    for i in range(n):
-        members[i * clusters // n].append(i)
-    gateways = [m[0] for m in members if m]
-    return [
-        sorted({j for j in members[i * clusters // n] if j != i} | {g for g in gateways if g != i})
-        for i in range(n)
-    ]
-
-
 def _snapshot(net: Network) -> dict[str, Any]:
     return {"frames": net.stats.frames, "bytes": net.stats.bytes, "kinds": dict(net.stats.per_kind)}
 
 
-def _traffic(
-    before: Mapping[str, Any], after: Mapping[str, Any], writes: int, operations: int
-) -> dict[str, Any]:
-    """Frames and bytes from the workload's start to the end of the run."""
-    kinds = {k: v - before["kinds"].get(k, 0) for k, v in sorted(after["kinds"].items())}
-    frames = after["frames"] - before["frames"]
-    payload = sum(kinds.get(k, 0) for k in PAYLOAD_KINDS)
-    per_write = max(writes, 1)
-    return {
-        "frames": frames,
-        "bytes": after["bytes"] - before["bytes"],
-        "by_kind": {k: v for k, v in kinds.items() if v},
-        "msgs_per_op": round(frames / max(operations, 1), 3),
-        "payload_per_write": round(payload / per_write, 3),
-        "control_per_write": round((frames - payload) / per_write, 3),
-        "bytes_per_write": round((after["bytes"] - before["bytes"]) / per_write, 1),
-    }
-
-
-def _stable_latencies(
-    written: Mapping[bytes, tuple[int, int]],
-    arrivals: Mapping[bytes, Mapping[int, int]],
-    reads: Sequence[tuple[int, int]],
-    nodes: int,
-) -> tuple[list[int], int]:
-    """Maelstrom's stable latency: for each written op, the time from its write
-    to the first read after which every read (on any node) includes it. An op
-    missing from the last read that could see it is never stable."""
-    times = [t for t, _ in reads]
-    stable: list[int] = []
-    unstable = 0
-    for op_id, (at, _) in written.items():
-        seen = arrivals[op_id]
-        first = bisect_right(times, at)
-        last_miss = None
-        done = max(seen.values())
-        for k in range(first, len(reads)):
-            t, node = reads[k]
-            if node not in seen or seen[node] > t:
-                last_miss = k
-            elif t > done and len(seen) == nodes:
-                break  # on every node: no later read can miss it
-        if last_miss is None:
-            if first < len(reads):
-                stable.append(reads[first][0] - at)
-        elif last_miss + 1 < len(reads):
-            stable.append(reads[last_miss + 1][0] - at)
-        else:
-            unstable += 1
-    return stable, unstable
-
-
-def _quantiles(samples: Sequence[int]) -> dict[str, int | None]:
-    ordered = sorted(samples)
-    if not ordered:
-        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
-
-    def q(p: float) -> int:
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-
-    return {"count": len(ordered), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": ordered[-1]}
-
-
-def report_json(report: Mapping[str, Any]) -> str:
-    return json.dumps(report, sort_keys=True, indent=1) + "\n"
-
-
-def summary(report: Mapping[str, Any], result: Result | None = None) -> str:
-    """A short Markdown summary of a report."""
-    m = report["messages"]
-    lat = report["latency_ms"]
-    conv = report["convergence"]
-    ops = report["operations"]
-    lines = [
-        f"# {report['scenario']} (seed {report['seed']}, archipel {report['version']})",
-        "",
-        f"- operations: {ops['writes']} writes, {ops['reads']} reads;"
-        f" {ops['live_nodes_at_end']} live nodes at the end",
-        f"- messages per op (all frames / all operations): {m['msgs_per_op']};"
-        f" per write: {m['payload_per_write']} payload, {m['control_per_write']} control,"
-        f" {m['bytes_per_write']} bytes",
-        f"- delivery latency ms (p50 / p99 / max): {_pq(lat['delivery'])}",
-        f"- stable latency ms (p50 / p99 / max): {_pq(lat['stable'])};"
-        f" never stable: {lat['never_stable']}",
-        f"- converged: {'yes' if conv['converged'] else 'NO'}"
-        f" ({conv['converged_ms_after_workload']} ms after the workload)",
-        "- caught up after heals (ms): "
-        + (", ".join(f"{h['after']} {h['caught_up_ms']}" for h in conv["heals"]) or "no heals"),
-        f"- acknowledged ops lost: {report['acknowledged_ops_lost']};"
-        f" peak pending set: {report['peak_pending']}",
-        f"- events: {report['events']}",
-    ]
-    if result is not None:
-        lines.append(f"- wall time: {result.wall_s:.2f} s ({result.events_per_s:,.0f} events/s)")
-    return "\n".join(lines) + "\n"
-
-
-def _pq(q: Mapping[str, int | None]) -> str:
-    return f"{q['p50']} / {q['p99']} / {q['max']}"
-
-
-def write(result: Result, out: Path) -> None:
+def write(result: Result, out: Path) -> list[Path]:
     """``report.json`` and ``summary.md`` into the directory ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(result.json())
-    (out / "summary.md").write_text(result.markdown())
+    paths = [out / "report.json", out / "summary.md"]
+    paths[0].write_text(result.json())
+    paths[1].write_text(result.markdown())
+    return paths

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from archipel.simulations import run
+from archipel.simulations import plots, run
 from archipel.simulations.scenario import LIBRARY, ScenarioError, load, parse
 
 SHORT = {"nodes": 8, "duration_ms": 4_000, "workload.warmup_ms": 2_000}
@@ -53,12 +53,16 @@ def test_the_same_seed_gives_the_same_report_and_another_seed_another() -> None:
     assert run.run(load("maelstrom-broadcast-partition", SHORT), seed=2).json() != first
 
 
-@pytest.mark.parametrize("name", ["churn", "maelstrom-broadcast"])
+@pytest.mark.parametrize(
+    "name", ["churn", "maelstrom-broadcast", "random-faults", "mesh-small-world"]
+)
 def test_a_report_does_not_depend_on_the_hash_seed(name: str) -> None:
     """Byte-identical across processes: set iteration order (which follows
     PYTHONHASHSEED) must not leak into the run. maelstrom-broadcast, where ops
     wait for several deps, exercises the protocol's part: SyncNode once asked
-    for missing deps in set order (found by this test)."""
+    for missing deps in set order (found by this test). random-faults draws
+    faults at random rates; mesh-small-world has a small-world graph as its
+    only links, and limited bandwidth."""
     script = (
         "import sys\n"
         "from archipel.simulations import run, scenario\n"
@@ -117,9 +121,9 @@ def test_stable_latency_is_measured_from_reads() -> None:
     arrivals = {op: {0: 100, 1: 300}}
     # Node 1 misses it at 250, sees it at 400: stable from the read at 400.
     reads = [(50, 1), (200, 0), (250, 1), (400, 1), (500, 0)]
-    assert run._stable_latencies(written, arrivals, reads, 2) == ([300], 0)
+    assert plots.stable_latencies(written, arrivals, reads, 2) == ([300], 0)
     # Never on node 1: the last read (on node 1) misses it, so it is never stable.
-    assert run._stable_latencies(written, {op: {0: 100}}, reads[:-1], 2) == ([], 1)
+    assert plots.stable_latencies(written, {op: {0: 100}}, reads[:-1], 2) == ([], 1)
 
 
 def test_a_scenario_with_an_unknown_field_is_refused() -> None:
