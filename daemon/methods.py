@@ -525,7 +525,8 @@ class Methods:
         events = []
         for row_cursor, data in rows:
             op = decode_op(data)
-            events.append({"cursor": row_cursor, **op_json(op)})
+            received = self.node.arrivals.get(op.id)
+            events.append({"cursor": row_cursor, "received_ms": received, **op_json(op)})
             cursor = row_cursor
         return {"events": events, "cursor": cursor}
 

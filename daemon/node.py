@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ log = logging.getLogger("archipel.node")
 SEND_QUEUE = 1024
 """Messages waiting for one peer; beyond this the peer is too slow and is cut off."""
 SHUTDOWN_GRACE_S = 30.0
+ARRIVALS_KEPT = 100_000
 
 
 def wall_ms() -> int:
@@ -155,6 +157,8 @@ class Node:
         self._progress = trio.lowlevel.ParkingLot()
         self._new_ops = trio.lowlevel.ParkingLot()
         self.offline = False
+        self.arrivals: OrderedDict[bytes, int] = OrderedDict()
+        """When (wall ms) each of the latest ops was applied here: for latency figures."""
 
     # -- public -------------------------------------------------------------
 
@@ -542,6 +546,9 @@ class Node:
         await store.append_remote(batch)
 
     def _notify(self, op: Op) -> None:
+        self.arrivals[op.id] = self.now_ms()
+        if len(self.arrivals) > ARRIVALS_KEPT:
+            self.arrivals.popitem(last=False)
         self._new_ops.unpark_all()
         for listener in self._listeners:
             try:
