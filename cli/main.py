@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 import trio
+from rich.console import Console
 
 from archipel.crdt import Value, found_federation
 from archipel.crdt.genesis import Params
@@ -186,7 +187,11 @@ def run(
                     finally:
                         nursery.cancel_scope.cancel()
 
-                await nursery.start(run_node)
+                # Loading the ops (a rebuild after an upgrade can take a while) and
+                # joining: a spinner on a terminal, nothing in a log file.
+                console = Console(stderr=True)
+                with console.status("Loading the federation's ops…", spinner="dots"):
+                    await nursery.start(run_node)
                 click.echo(f"Archipel node {node.peer_id} listening on:", err=True)
                 for addr in node.listen_addrs:
                     click.echo(f"  {addr}", err=True)
