@@ -71,6 +71,7 @@ SEND_QUEUE = 1024
 """Messages waiting for one peer; beyond this the peer is too slow and is cut off."""
 SHUTDOWN_GRACE_S = 30.0
 ARRIVALS_KEPT = 100_000
+SYNC_PROGRESS_EVERY = 1_000
 
 
 def wall_ms() -> int:
@@ -542,7 +543,12 @@ class Node:
         batch, sync.applied = sync.applied, []
         for op in batch:
             self._notify(op)
+        before = self.stats.ops_stored
         self.stats.ops_stored += len(batch)
+        if self.stats.ops_stored // SYNC_PROGRESS_EVERY > before // SYNC_PROGRESS_EVERY:
+            # progress of a catch-up (a first sync after joining, a long absence)
+            assert self.replica is not None
+            log.info("syncing", **fields(stored=self.stats.ops_stored, ops=len(self.replica.graph)))
         await store.append_remote(batch)
 
     def _notify(self, op: Op) -> None:
