@@ -6,14 +6,24 @@ the simulator (over its virtual network) both drive. It owns, for one replica:
 - a :class:`SyncSession` per connection (handshake, framing, fetch, limits);
 - one :class:`Broadcast` (push, Plumtree) over the active view;
 - one :class:`PeerSelection` (HyParView) deciding whom to stay connected to;
-- the reconciliation runs (Negentropy): on every established connection each
+- the reconciliation runs (Negentropy): when a peer becomes a neighbour each
   end runs its own client against the other's server, and pulls (Want) what
-  it lacks; again every ``reconcile_interval_ms`` (+- jitter) per connection.
+  it lacks; again every ``reconcile_interval_ms`` (+- jitter) per neighbour.
+  A node answers a peer's round with its own (so both ends pull). Short
+  connections that bring no neighbour do not reconcile, except *probes*:
+  every ``probe_interval_ms`` a node reconciles with a remembered peer that
+  is not connected; old ops found that way reveal a split overlay (a healed
+  partition whose halves filled their views among themselves): the probed
+  peer becomes a neighbour, and the node reconciles with its other
+  neighbours once caught up, a wave that carries the ops across.
 
 Every op that arrives, by push or pull, is given to the replica first; only
 ops the replica applied are forwarded (``Broadcast.broadcast``), including
 ops released from its pending set, so a forgery dies at the first honest hop
-and an op never travels ahead of its deps. An op that fails validation is
+and an op never travels ahead of its deps. Push runs one tree per author
+(:func:`author_of`). An op that arrives before its deps waits
+``dep_fetch_delay_ms`` for them (they are usually a hop behind, on their own
+trees) before the node asks the sender for them. An op that fails validation is
 reported to the session that brought it (its misbehaviour budget). Urgent ops
 (alerts) are flooded to every connected peer.
 
@@ -31,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from archipel.crdt import CapacityError, InvalidOp, Op, Replica, Status
+from archipel.crdt import CapacityError, InvalidOp, Op, Replica, Status, ts_ms
 from archipel.crdt.alerts import URGENT_KINDS
 
 from .errors import ProtocolError, RemoteProtocolError
@@ -54,7 +64,7 @@ from .messages import (
 from .negentropy import NegentropyClient, NegentropyServer
 from .negentropy_store import SortedItems
 from .peers import Close, Connect, NeighborDown, NeighborUp, PeerAction, PeerSelection, Rng
-from .plumtree import Broadcast, Deliver, PushAction, Send
+from .plumtree import ONE_TREE, Broadcast, Deliver, PushAction, PushLimits, Send
 from .session import (
     Closed,
     Established,
@@ -108,6 +118,22 @@ class SyncConfig:
     selection (after a partition heals, that is how the halves find each
     other again; the daemon adds bootstrap and mDNS addresses too)."""
     remembered_peers: int = 256
+    probe_interval_ms: int = 30_000
+    """How often (on average, jittered) a node opens a short connection to a
+    peer it knew that is not a neighbour, and reconciles over it: after a
+    partition heals, the halves' neighbours are all on their own side, and this
+    is how the ops cross (0: never)."""
+    split_evidence_ms: int = 2_000
+    """An op fetched over a probe that is older than this (by its timestamp)
+    went round neither side's neighbours: the probed peer becomes a neighbour,
+    joining the two overlays."""
+    reconcile_again_after_ms: int = 2_000
+    """A round with a peer does not start sooner than this after the last one
+    (answering a peer's round with our own, passing pulled ops on)."""
+    dep_fetch_delay_ms: int = 250
+    """How long an op that arrived before its deps waits for them to come by
+    push (along their authors' trees, usually a hop behind) before the node
+    asks the peer that sent it for them (0: ask at once)."""
 
 
 @dataclass(slots=True)
@@ -119,8 +145,13 @@ class _Link:
     client: NegentropyClient | None = None
     server: NegentropyServer | None = None
     reconcile_at: int | None = None
+    deps_at: int | None = None  # when to ask this peer for deps ops wait for
+    wave_at: int | None = None  # old ops came from this peer: pass them on by then
     established: bool = False
     dialed_by_peers: bool = False
+    probe: bool = False  # we opened it to probe (see SyncConfig.probe_interval_ms)
+    neighbour: bool = False  # in the active view: reconciles periodically
+    reconciled_ms: int | None = None  # when our last round started
 
 
 @dataclass(slots=True)
@@ -148,6 +179,7 @@ class SyncNode:
         *,
         config: SyncConfig | None = None,
         is_allowed: Callable[[PeerId], bool] | None = None,
+        push_limits: PushLimits | None = None,
     ) -> None:
         self.replica = replica
         self.me = me
@@ -156,13 +188,17 @@ class SyncNode:
         self._rng = rng
         self._links: dict[PeerId, _Link] = {}
         self._out: list[Action] = []
-        self.push = Broadcast(has=self._has, get=self._get)
+        self.push = Broadcast(
+            has=self._has, get=self._get, tree_of=author_of, rng=rng, limits=push_limits
+        )
         allowed = is_allowed if is_allowed is not None else _allow_all
         self.peers = PeerSelection(me, rng, now_ms, is_allowed=allowed)
         self._store = SortedItems.from_sorted(*_items_of(replica.graph.topological()))
         self._fresh: list[tuple[int, bytes]] = []
         self._remembered: OrderedDict[PeerId, PeerInfo] = OrderedDict()
         self._rediscover_at = now_ms + self.config.rediscover_interval_ms
+        self._probe_at = self._next_probe(now_ms)
+        self._probes: dict[PeerId, int] = {}  # probe dials not yet connected: since when
 
     # -- inputs from the driver -----------------------------------------------
 
@@ -198,6 +234,27 @@ class SyncNode:
             picks = [candidates[int(self._rng.random() * len(candidates))] for _ in range(count)]
             self.peers.add_known(picks)
 
+    def _next_probe(self, now_ms: int) -> int | None:
+        interval = self.config.probe_interval_ms
+        if interval <= 0:
+            return None
+        return now_ms + interval // 2 + int(self._rng.random() * interval)
+
+    def _probe(self, now_ms: int) -> None:
+        """Reconcile with a peer we knew that is not a neighbour (see
+        :attr:`SyncConfig.probe_interval_ms`)."""
+        self._probe_at = self._next_probe(now_ms)
+        stale = now_ms - self.peers.limits.dial_timeout_ms
+        self._probes = {p: t for p, t in self._probes.items() if t > stale}
+        candidates = [info for pid, info in self._remembered.items() if pid not in self._links]
+        if not candidates or self._probes:
+            return
+        info = candidates[int(self._rng.random() * len(candidates))]
+        actions = self.peers.probe(info, now_ms)
+        if actions:
+            self._probes[info.id] = now_ms
+        self._peer_actions(actions, now_ms)
+
     def connection_made(self, peer: PeerId, now_ms: int, *, initiator: bool) -> None:
         """A connection with ``peer`` is up (we dialled it, or it dialled us).
 
@@ -211,6 +268,7 @@ class SyncNode:
         self._flush(peer)
 
     def connection_failed(self, peer: PeerId, now_ms: int) -> None:
+        self._probes.pop(peer, None)
         self._peer_actions(self.peers.connect_failed(peer, now_ms), now_ms)
 
     def connection_lost(self, peer: PeerId, now_ms: int) -> None:
@@ -248,9 +306,11 @@ class SyncNode:
 
     def handle_timer(self, now_ms: int) -> None:
         for op in self.replica.tick(now_ms).applied:  # held ops whose time has come
-            self._applied(op, now_ms)
+            self._applied(op, now_ms, pulled=True)
         if now_ms >= self._rediscover_at:
             self._rediscover(now_ms)
+        if self._probe_at is not None and now_ms >= self._probe_at:
+            self._probe(now_ms)
         self._push(self.push.handle_timer(now_ms), now_ms)
         self._peer_actions(self.peers.handle_timer(now_ms), now_ms)
         for peer, link in list(self._links.items()):
@@ -261,7 +321,14 @@ class SyncNode:
                 self._fail(peer, exc.reason, now_ms)
                 continue
             if link.reconcile_at is not None and now_ms >= link.reconcile_at:
-                self._start_reconciliation(link, now_ms)
+                if link.client is not None and not link.client.done:
+                    link.reconcile_at = now_ms + self.config.reconcile_again_after_ms
+                else:
+                    self._start_reconciliation(link, now_ms)
+            if link.deps_at is not None and now_ms >= link.deps_at and _open(link):
+                self._fetch_deps(link, now_ms)
+            if link.wave_at is not None and now_ms >= link.wave_at:
+                self._wave(peer, link, now_ms)
             self._flush(peer)
 
     def next_deadline(self) -> int | None:
@@ -270,9 +337,15 @@ class SyncNode:
             self.push.next_deadline(),
             self.peers.next_deadline(),
             self._rediscover_at,
+            self._probe_at,
         ]
         for link in self._links.values():
-            deadlines += [link.session.next_deadline(), link.reconcile_at]
+            deadlines += [
+                link.session.next_deadline(),
+                link.reconcile_at,
+                link.deps_at,
+                link.wave_at,
+            ]
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
 
@@ -288,9 +361,12 @@ class SyncNode:
             link.established = True
             if link.initiator:
                 self._peer_actions(self.peers.connected(peer, now_ms), now_ms)
-            self._start_reconciliation(link, now_ms)
+                if self._probes.pop(peer, None) is not None:
+                    link.probe = True
+                    if peer in self._links and link.client is None:
+                        self._start_reconciliation(link, now_ms)
         elif isinstance(event, OpsReceived):
-            self._ingest(peer, link, event.ops, now_ms)
+            self._ingest(peer, link, event.ops, now_ms, pulled=True)
         elif isinstance(event, MessageReceived):
             self._on_message(peer, link, event.message, now_ms)
         elif isinstance(event, Closed):
@@ -301,7 +377,7 @@ class SyncNode:
             if peer in self.push.peers:
                 self._push(self.push.receive(peer, message, now_ms), now_ms)
             elif isinstance(message, Push):  # an urgent flood from a non-neighbour
-                self._ingest(peer, link, message.ops, now_ms)
+                self._ingest(peer, link, message.ops, now_ms, pulled=True)
         elif isinstance(message, Reconcile):
             self._reconcile(peer, link, message, now_ms)
         elif isinstance(message, _MEMBERSHIP):
@@ -327,9 +403,20 @@ class SyncNode:
         link.client = NegentropyClient(self._items())
         link.session.send(Reconcile(link.client.initiate()))
         self.counters.reconciliations += 1
+        link.reconciled_ms = now_ms
+        link.reconcile_at = now_ms + self._reconcile_interval() if link.neighbour else None
+
+    def _may_reconcile(self, link: _Link, now_ms: int) -> bool:
+        """Whether a round may start now: none running, none started lately."""
+        if link.client is not None and not link.client.done:
+            return False
+        last = link.reconciled_ms
+        return last is None or now_ms - last >= self.config.reconcile_again_after_ms
+
+    def _reconcile_interval(self) -> int:
         jitter = int(self._rng.random() * 2 * self.config.reconcile_jitter_ms)
         interval = self.config.reconcile_interval_ms - self.config.reconcile_jitter_ms + jitter
-        link.reconcile_at = now_ms + max(interval, 1)
+        return max(interval, 1)
 
     def _reconcile(self, peer: PeerId, link: _Link, message: Reconcile, now_ms: int) -> None:
         if not _open(link):
@@ -338,6 +425,11 @@ class SyncNode:
             # A query from the peer's client: answer from what we hold now.
             link.server = NegentropyServer(self._items())
             link.session.send(Reconcile(link.server.reconcile(message.payload), reply=True))
+            if self._may_reconcile(link, now_ms):
+                # The server learns nothing: a peer that reconciles with us
+                # (probing, or passing on what it just pulled) gets a round
+                # from us too, so that both ends pull.
+                self._start_reconciliation(link, now_ms)
             return
         if link.client is None or link.client.done:
             raise RemoteProtocolError("a reconciliation reply that nothing asked for")
@@ -350,9 +442,12 @@ class SyncNode:
 
     # -- ops in -----------------------------------------------------------------
 
-    def _ingest(self, peer: PeerId, link: _Link, ops: Iterable[bytes], now_ms: int) -> None:
+    def _ingest(
+        self, peer: PeerId, link: _Link, ops: Iterable[bytes], now_ms: int, *, pulled: bool
+    ) -> None:
         """Give ops from ``peer`` to the replica; forward what it applies; ask
-        the same peer for the deps of ops left waiting."""
+        the same peer for the deps of ops left waiting. ``pulled``: the ops came
+        by fetch (Want, reconciliation), not by push."""
         waiting = False
         for data in ops:
             try:
@@ -369,17 +464,57 @@ class SyncNode:
                 continue
             waiting = waiting or result.status is Status.PENDING
             for op in result.applied:
-                self._applied(op, now_ms)
+                self._applied(op, now_ms, pulled=pulled, via=peer)
+                if ts_ms(op.ts) < now_ms - self.config.split_evidence_ms and pulled:
+                    self._split_evidence(peer, link, now_ms)
+        if link.wave_at is not None and not link.session.pending_requests():
+            self._wave(peer, link, now_ms)  # caught up from this peer: pass it on
         if waiting:
-            asked = set(link.session.pending_requests())
-            missing = sorted(i for i in self.replica.graph.missing() if i not in asked)
-            if missing:
-                link.session.request(missing, now_ms)
+            if self.config.dep_fetch_delay_ms <= 0:
+                self._fetch_deps(link, now_ms)
+            elif link.deps_at is None:
+                link.deps_at = now_ms + self.config.dep_fetch_delay_ms
 
-    def _applied(self, op: Op, now_ms: int) -> None:
+    def _fetch_deps(self, link: _Link, now_ms: int) -> None:
+        """Ask the peer for the deps ops still wait for (it holds them: a node
+        forwards only ops it applied)."""
+        link.deps_at = None
+        asked = set(link.session.pending_requests())
+        missing = sorted(i for i in self.replica.graph.missing() if i not in asked)
+        if missing:
+            link.session.request(missing, now_ms)
+
+    def _split_evidence(self, peer: PeerId, link: _Link, now_ms: int) -> None:
+        """We just pulled an op that is old: our side of the network never had
+        it. Join the overlays if the peer was only probed, and once we have
+        caught up from it (our Wants answered), pass it on (:meth:`_wave`)."""
+        if link.probe:
+            link.probe = False  # once
+            self._peer_actions(self.peers.merge(peer, now_ms), now_ms)
+        if link.wave_at is None:
+            link.wave_at = now_ms + self.config.reconcile_again_after_ms  # at the latest
+
+    def _wave(self, peer: PeerId, link: _Link, now_ms: int) -> None:
+        """Reconcile with every other neighbour: each answers with a round of its
+        own, pulls the old ops, and does the same, a wave that carries them
+        across this side of a healed partition in a few round trips."""
+        link.wave_at = None
+        for other, other_link in list(self._links.items()):
+            if (
+                other != peer
+                and other_link.neighbour
+                and _open(other_link)
+                and self._may_reconcile(other_link, now_ms)
+            ):
+                self._start_reconciliation(other_link, now_ms)
+                self._flush(other)
+
+    def _applied(self, op: Op, now_ms: int, *, pulled: bool, via: PeerId | None = None) -> None:
         self.counters.ops_applied += 1
         self._fresh.append((op.ts, op.id))
-        self._push(self.push.broadcast(op.id, op.data, now_ms, op.kind in URGENT_KINDS), now_ms)
+        urgent = op.kind in URGENT_KINDS
+        actions = self.push.broadcast(op.id, op.data, now_ms, urgent, pulled=pulled, via=via)
+        self._push(actions, now_ms)
 
     def _push(self, actions: list[PushAction], now_ms: int) -> None:
         touched = set()
@@ -392,7 +527,7 @@ class SyncNode:
             elif isinstance(action, Deliver):
                 link = self._links.get(action.peer)
                 if link is not None:
-                    self._ingest(action.peer, link, (action.op,), now_ms)
+                    self._ingest(action.peer, link, (action.op,), now_ms, pulled=False)
         for peer in touched:
             self._flush(peer)
 
@@ -413,8 +548,31 @@ class SyncNode:
                 self._remember(action.peer)
                 if action.peer.id not in self.push.peers:
                     self.push.peer_up(action.peer.id)
+                    self._neighbour_up(action.peer.id, now_ms)
             elif isinstance(action, NeighborDown) and action.peer in self.push.peers:
                 self.push.peer_down(action.peer)
+                link = self._links.get(action.peer)
+                if link is not None:
+                    link.neighbour = False
+                    link.reconcile_at = None  # no longer a neighbour: no more rounds
+
+    def _neighbour_up(self, peer: PeerId, now_ms: int) -> None:
+        """A new neighbour: reconcile with it now, and then periodically.
+
+        Only neighbours reconcile: peer selection also opens short-lived
+        connections (a ShuffleReply, a Neighbor request turned down), and a
+        reconciliation on each of those would cost messages for nothing, since
+        the node's neighbours bring it every op anyway."""
+        link = self._links.get(peer)
+        if link is None:
+            return
+        link.neighbour = True
+        if link.client is not None and not link.client.done:
+            if link.reconcile_at is None:  # a round is running: it will do; the next later
+                link.reconcile_at = now_ms + self._reconcile_interval()
+            return
+        self._start_reconciliation(link, now_ms)
+        self._flush(peer)
 
     # -- connections ------------------------------------------------------------
 
@@ -459,6 +617,30 @@ class SyncNode:
     def _get(self, op_id: bytes) -> bytes | None:
         op = self.replica.graph.get(op_id)
         return op.data if op is not None else None
+
+
+_AUTHOR_AT = 1 + 1 + 2 + 32 + 2
+"""Where the author key starts in an op's canonical bytes: the array header,
+the format version (a fixint), the federation (bin8 of 32 bytes), the author's
+bin8 header."""
+
+
+def author_of(op: bytes) -> bytes:
+    """The author key of an op's signed bytes: the tree it is pushed along.
+
+    Read from the canonical layout without decoding the op (the replica decodes
+    and validates it later). Bytes that do not have that layout go along one
+    common tree: whatever they are, the replica refuses or accepts them.
+    """
+    if (
+        len(op) >= _AUTHOR_AT + 32
+        and op[0] == 0x99  # an array of 9 fields
+        and op[1] < 0x80  # a small format version
+        and op[2:4] == b"\xc4\x20"
+        and op[_AUTHOR_AT - 2 : _AUTHOR_AT] == b"\xc4\x20"
+    ):
+        return op[_AUTHOR_AT : _AUTHOR_AT + 32]
+    return ONE_TREE
 
 
 def _items_of(ops: Iterable[Op]) -> tuple[array[int], bytes]:

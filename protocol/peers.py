@@ -27,6 +27,13 @@ added only once both ends agreed, and a node that drops a peer tells it
   view below its size.
 - **Failure.** A connection lost (:meth:`disconnected`) removes the peer from
   the active view and asks a random passive peer to take its place.
+- **Refusals.** A node at least half full whose request a full peer turned
+  down asks no one else until the next tick (each request is a connection,
+  and the other candidates are most likely full too).
+- **Probes.** :meth:`probe` opens a connection outside both views for the
+  sync protocol to reconcile over (closed after ``probe_linger_ms``);
+  :meth:`merge` turns it into a neighbour link, with high priority, when the
+  probe revealed a split overlay.
 
 Sans-I/O: the daemon (or the simulator) carries out the actions —
 :class:`Connect` (dial, then report :meth:`connected` or
@@ -93,6 +100,7 @@ class PeerLimits:
     shuffle_jitter_ms: int = 7_500  # each period is interval +- up to this
     ask_timeout_ms: int = 5_000  # a Neighbor request unanswered: give up
     dial_timeout_ms: int = 10_000  # a Connect unreported: give up
+    probe_linger_ms: int = 10_000  # a probe's connection closes after this
     max_dials: int = 8  # connections being opened at once
     max_connections: int = 32  # peers with a connection at once (all kinds)
     max_shuffle_peers: int = 16  # peers in an incoming Shuffle or ShuffleReply
@@ -114,6 +122,8 @@ class PeerCounters:
     shuffles_sent: int = 0
     shuffle_replies_dropped: int = 0  # no room to dial the origin
     not_allowed: int = 0
+    probes: int = 0
+    merges: int = 0  # probes that found a split overlay and became neighbours
 
 
 # -- actions ----------------------------------------------------------------------
@@ -165,6 +175,7 @@ class Purpose(Enum):
     JOIN = "join"  # send Join when connected; the contact becomes active
     ASK = "ask"  # send Neighbor when connected
     REPLY = "reply"  # send the queued messages, then close
+    PROBE = "probe"  # stay open a while, for the sync protocol to reconcile over it
 
 
 class Rule(Enum):
@@ -249,6 +260,10 @@ class PeerSelection:
         self._passive: OrderedDict[PeerId, PeerInfo] = OrderedDict()
         self._links: dict[PeerId, _Link] = {}
         self._tried: set[PeerId] = set()  # asked since the last tick
+        # A full peer turned down our request: the others are likely full too,
+        # and each request costs a connection. A node at least half full waits
+        # for the next tick.
+        self._asks_paused = False
         self._shuffled: dict[PeerId, None] | None = None  # ids sent in our pending Shuffle
         self._tick_at = self._next_tick(now_ms)
 
@@ -297,10 +312,37 @@ class PeerSelection:
             actions.append(Send(peer, Join(self.me)))
         elif link.purpose is Purpose.ASK:
             actions += self._send_ask(peer, link, now_ms, link.high_priority)
+        elif link.purpose is Purpose.PROBE:
+            link.state, link.purpose = OPEN, None
+            link.deadline = now_ms + self.limits.probe_linger_ms
         else:
             del self._links[peer]
             actions.append(Close(peer))
         return actions
+
+    def probe(self, info: PeerInfo, now_ms: int) -> list[PeerAction]:
+        """Open a short-lived connection to ``info``, outside both views.
+
+        The sync protocol reconciles over it: a node whose neighbours all sit
+        on its side of a healed partition learns the other side's ops this way
+        (peer selection alone would never look across: nobody is short of
+        neighbours). The connection closes after ``probe_linger_ms``."""
+        if info.id == self.me.id or info.id in self._links or not self._is_allowed(info.id):
+            return []
+        self.counters.probes += 1
+        return self._dial(info, Purpose.PROBE, now_ms)
+
+    def merge(self, peer: PeerId, now_ms: int) -> list[PeerAction]:
+        """A probe brought ops that neither this node's neighbours nor the
+        probed peer's had passed on: the overlay is split (a partition healed
+        and both sides filled their views among themselves). Ask the probed
+        peer, over the probe's connection, to become a neighbour, with high
+        priority (it must accept): one such link joins the two overlays."""
+        link = self._links.get(peer)
+        if link is None or link.state is not OPEN or link.info is None:
+            return []
+        self.counters.merges += 1
+        return self._send_ask(peer, link, now_ms, high_priority=True)
 
     def connect_failed(self, peer: PeerId, now_ms: int) -> list[PeerAction]:
         """A :class:`Connect` failed: forget the address, ask someone else."""
@@ -308,6 +350,8 @@ class PeerSelection:
         if link is None or link.state is not DIALING:
             return []  # given up meanwhile, or the peer reached us first
         del self._links[peer]
+        if link.purpose is Purpose.PROBE:
+            return []  # perhaps across a partition: keep the address
         self._passive.pop(peer, None)
         if link.purpose is Purpose.ASK:
             self.counters.asks_failed += 1
@@ -364,14 +408,15 @@ class PeerSelection:
             if link.deadline is not None and link.deadline <= now_ms:
                 del self._links[peer]
                 actions.append(Close(peer))
-                if link.state is OPEN:
-                    continue  # an idle connection: nothing wrong with the peer
+                if link.state is OPEN or link.purpose is Purpose.PROBE:
+                    continue  # an idle connection, or a probe: nothing known against the peer
                 self._passive.pop(peer, None)  # unreachable or unresponsive
                 if link.purpose is Purpose.ASK:
                     self.counters.asks_failed += 1
         if self._tick_at <= now_ms:
             self._tick_at = self._next_tick(now_ms)
             self._tried.clear()
+            self._asks_paused = False
             actions += self._shuffle()
         return actions + self._refill(now_ms)
 
@@ -467,6 +512,7 @@ class PeerSelection:
         if accepted:
             return self._add_active(link.info)
         self.counters.asks_rejected += 1
+        self._asks_paused = True
         del self._links[peer]
         return [Close(peer), *self._refill(now_ms)]
 
@@ -589,6 +635,8 @@ class PeerSelection:
             link.purpose is Purpose.ASK and link.state in (DIALING, ASKING)
             for link in self._links.values()
         )
+        if self._asks_paused and 2 * len(self._active) >= self.limits.active_size:
+            return []  # half full or better: that can wait for the next tick
         free = self.limits.active_size - len(self._active) - asking
         candidates = [
             info

@@ -337,3 +337,61 @@ def test_crossing_neighbor_requests_end_symmetric() -> None:
     assert ps.receive(A.id, NeighborReply(True), 30) == []
     assert set(ps.active) == {A.id}
     assert index_of(A.id) == 1
+
+
+def test_a_turned_down_request_pauses_requests_until_the_next_tick_when_half_full() -> None:
+    limits = PeerLimits(active_size=3)
+    ps = with_active(A, B, limits=limits)  # one short
+    ps.add_known([C, peer_info(4)])
+    (connect,) = [a for a in ps.handle_timer(1) if isinstance(a, Connect)]
+    ps.connected(connect.peer.id, 2)
+    assert ps.receive(connect.peer.id, NeighborReply(False), 3) == [Close(connect.peer.id)]
+    # The other candidate is not asked: full peers turn requests down, each a connection.
+    assert [a for a in ps.handle_timer(4) if isinstance(a, Connect)] == []
+    assert ps.counters.asks_rejected == 1
+    tick = ps.next_deadline() or 0
+    asked = [a.peer.id for a in ps.handle_timer(tick) if isinstance(a, Connect)]
+    assert len(asked) == 1  # the next tick asks again
+
+
+def test_a_node_far_below_its_view_size_keeps_asking_after_a_refusal() -> None:
+    limits = PeerLimits(active_size=4)
+    ps = with_active(A, limits=limits)  # three short
+    ps.add_known([B, C, peer_info(4)])
+    dials = [a.peer.id for a in ps.handle_timer(1) if isinstance(a, Connect)]
+    assert len(dials) == 3
+    ps.connected(dials[0], 2)
+    ps.receive(dials[0], NeighborReply(False), 3)
+    ps.add_known([peer_info(5)])
+    assert [a.peer.id for a in ps.handle_timer(4) if isinstance(a, Connect)] == [node_id(5)]
+
+
+def test_a_probe_opens_a_connection_that_lingers_then_closes() -> None:
+    ps = with_active(A)
+    assert ps.probe(B, 0) == [Connect(B)]
+    assert ps.probe(B, 1) == []  # already linked
+    assert ps.probe(ME, 1) == []
+    assert ps.connected(B.id, 10) == []  # no membership message: it stays open
+    assert B.id not in ps.active
+    assert ps.handle_timer(10 + LIMITS.probe_linger_ms - 1) == []
+    assert Close(B.id) in ps.handle_timer(10 + LIMITS.probe_linger_ms)
+    # A probe that fails forgets nothing: the peer may be across a partition.
+    ps.add_known([C])
+    ps.probe(C, 20_000)
+    ps.connect_failed(C.id, 20_010)
+    assert C.id in ps.passive
+    assert ps.counters.probes == 2
+
+
+def test_a_probe_that_finds_a_split_overlay_becomes_a_neighbour() -> None:
+    ps = with_active(A, B, C, peer_info(4), peer_info(5))  # full
+    other = peer_info(6)
+    ps.probe(other, 0)
+    ps.connected(other.id, 10)
+    assert sends(ps.merge(other.id, 20)) == [(other.id, Neighbor(ME, True))]
+    actions = ps.receive(other.id, NeighborReply(True), 30)
+    assert NeighborUp(other) in actions
+    assert len([a for a in actions if isinstance(a, NeighborDown)]) == 1  # one made room
+    assert other.id in ps.active
+    assert ps.merge(node_id(7), 40) == []  # no such probe
+    assert ps.counters.merges == 1

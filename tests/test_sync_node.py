@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from archipel.crdt import Op, Replica, encode
 from archipel.crdt.alerts import Alerts
-from archipel.protocol.messages import Push
-from archipel.protocol.wire import encode_message
+from archipel.protocol.messages import PeerInfo, Push
+from archipel.protocol.node import Hangup, SyncNode, Transmit, author_of
+from archipel.protocol.plumtree import ONE_TREE
+from archipel.protocol.wire import FrameReader, encode_message
 from archipel.simulations.network import Network
 
 AUTHORS = [member(c, n) for c in range(3) for n in (1, 2)]
@@ -190,3 +192,67 @@ def test_a_second_connection_with_a_peer_keeps_the_first_session() -> None:
     write(net, replicas, 1, "still flowing")
     net.run_for(2_000)
     assert converged(replicas)
+
+
+def test_the_author_names_the_tree_an_op_is_pushed_along() -> None:
+    net, replicas, _ = cluster(2)
+    op = write(net, replicas, 1, "a note")
+    assert author_of(op.data) == op.author
+    assert author_of(b"not an op") == ONE_TREE
+    assert author_of(op.data[:40]) == ONE_TREE
+
+
+def test_a_connection_that_brings_no_neighbour_starts_no_reconciliation() -> None:
+    """Peer selection opens short connections (a shuffle's reply, a request
+    turned down): reconciling over each would cost messages for nothing."""
+    origin, genesis = cells_federation()
+    other = Replica(genesis.federation)
+    other.receive(genesis, T0)
+    a = SyncNode(origin, PeerInfo(peer_id(0), ("/a",)), random.Random(1), T0)
+    b = SyncNode(other, PeerInfo(peer_id(1), ("/b",)), random.Random(2), T0)
+    a.connection_made(peer_id(1), T0, initiator=False)
+    b.connection_made(peer_id(0), T0, initiator=True)  # b never asked for it: it hangs up
+    kinds: list[str] = []
+    for _ in range(10):  # bounded: a handful of exchanges
+        moved = False
+        for node, target in ((a, b), (b, a)):
+            for action in node.actions():
+                if isinstance(action, Transmit):
+                    reader = FrameReader()
+                    reader.feed(action.data)
+                    while (message := reader.next_message()) is not None:
+                        kinds.append(type(message).__name__)
+                    target.data_received(node.me.id, action.data, T0 + 10)
+                    moved = True
+                elif isinstance(action, Hangup):
+                    target.connection_lost(node.me.id, T0 + 10)
+                    moved = True
+        if not moved:
+            break
+    assert "Hello" in kinds
+    assert "Reconcile" not in kinds
+    assert a.counters.reconciliations == b.counters.reconciliations == 0
+
+
+def test_probes_join_the_halves_of_a_healed_partition() -> None:
+    """After a partition, each half fills its views among itself: nobody is
+    short of neighbours, so peer selection alone never looks across. A probe
+    that pulls old ops from the other side turns into a neighbour link."""
+    net, replicas, _ = cluster(6, seed=11)
+    left, right = [peer_id(i) for i in range(3)], [peer_id(i) for i in range(3, 6)]
+    net.partition([left, right])
+    net.run_for(15_000)  # views refill inside each half
+    written = [write(net, replicas, i % 6, f"apart {i}").id for i in range(12)]
+    net.run_for(3_000)
+    net.heal()
+    net.run_for(60_000)
+    assert converged(replicas)
+    assert all(set(written) <= {op.id for op in r.graph.topological()} for r in replicas)
+    merges = sum(net.node(peer_id(i)).peers.counters.merges for i in range(6))
+    probes = sum(net.node(peer_id(i)).peers.counters.probes for i in range(6))
+    assert probes >= 1
+    assert merges >= 1
+    # Afterwards, a new op goes by push across the former cut within a second.
+    op = write(net, replicas, 0, "after")
+    net.run_for(1_000)
+    assert all(op.id in r.graph for r in replicas)
