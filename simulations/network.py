@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from archipel.crdt import Op, Replica
 from archipel.protocol.messages import PeerInfo
 from archipel.protocol.node import Dial, Hangup, SyncConfig, SyncNode, Transmit
-from archipel.protocol.plumtree import Broadcast, PushLimits
+from archipel.protocol.plumtree import PushLimits
 from archipel.protocol.wire import LENGTH_BYTES, TAGS
 
 _KIND_OF_TAG = {tag: kind.__name__ for kind, tag in TAGS.items()}
@@ -155,12 +155,10 @@ class Network:
     def _boot(self, peer_id: bytes) -> SyncNode:
         host = self._hosts[peer_id]
         now = self.now_ms + host.skew_ms
-        node = SyncNode(host.replica, host.info, self.rng, now, config=self.config)
-        if self.push_limits is not None:
-            # The same push protocol, with other timers (a scenario's tuning).
-            node.push = Broadcast(
-                has=_holds(host.replica), get=_bytes_of(host.replica), limits=self.push_limits
-            )
+        # The same push protocol; a scenario may tune its timers (push_limits).
+        node = SyncNode(
+            host.replica, host.info, self.rng, now, config=self.config, push_limits=self.push_limits
+        )
         host.node = node
         host.timer_at = None
         host.timer_token += 1
@@ -449,26 +447,3 @@ class Network:
             per_kind[kind] = per_kind.get(kind, 0) + 1
             stats.frames += 1
             pos += LENGTH_BYTES + length
-
-
-def _holds(replica: Replica) -> Callable[[bytes], bool]:
-    """What :class:`SyncNode` tells its push protocol the replica holds."""
-    graph = replica.graph
-
-    def has(op_id: bytes) -> bool:
-        return (
-            op_id in graph
-            or graph.is_pending(op_id)
-            or graph.is_held(op_id)
-            or graph.rejection(op_id) is not None
-        )
-
-    return has
-
-
-def _bytes_of(replica: Replica) -> Callable[[bytes], bytes | None]:
-    def get(op_id: bytes) -> bytes | None:
-        op = replica.graph.get(op_id)
-        return op.data if op is not None else None
-
-    return get

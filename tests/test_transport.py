@@ -445,7 +445,9 @@ async def test_connection_churn_leaves_the_node_accepting_with_bounded_tasks() -
                     gc.collect()
                     tasks = trio.lowlevel.current_statistics().tasks_living
                     marks[i + 1] = (tasks, len(gc.get_objects()))
-            assert server.connection_count <= 4  # the last closes may still be in flight
+            # Closes finish in the background: at most one connection per client may
+            # still be open (a leak would leave hundreds).
+            assert server.connection_count <= len(clients)
     assert served == [b"%d" % i for i in range(CYCLES)]
     (tasks_100, objects_100), (tasks_end, objects_end) = marks[100], marks[CYCLES]
     assert tasks_end - tasks_100 < 40, marks  # a leak would add one per connection
