@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from archipel.protocol.plumtree import PushLimits
 from archipel.simulations import plots, run
 from archipel.simulations.scenario import LIBRARY, ScenarioError, load, parse
 
@@ -110,7 +111,9 @@ def test_messages_are_counted_by_type_and_reads_count_as_operations() -> None:
 
 
 def test_push_limits_from_the_scenario_reach_the_nodes() -> None:
-    slow = short("maelstrom-broadcast", **{"protocol.push": {"ihave_delay_ms": 1_000}}).report
+    # announcements batched four times longer than the default: fewer IHave frames
+    delay = PushLimits().ihave_delay_ms * 4
+    slow = short("maelstrom-broadcast", **{"protocol.push": {"ihave_delay_ms": delay}}).report
     fast = short("maelstrom-broadcast").report
     assert slow["messages"]["by_kind"]["IHave"] < fast["messages"]["by_kind"]["IHave"]
 
