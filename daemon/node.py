@@ -203,6 +203,7 @@ class Node:
         assert self.sync is not None
         key = self.identity.device if as_device else self.identity.member
         op = self.replica.author(key, kind, body, self.now_ms())
+        self._stamp(op)  # before the await: an event reader may see the op once it is stored
         await self.store.append_local(op)
         self.stats.ops_stored += 1
         self._notify(op)
@@ -551,10 +552,14 @@ class Node:
             log.info("syncing", **fields(stored=self.stats.ops_stored, ops=len(self.replica.graph)))
         await store.append_remote(batch)
 
+    def _stamp(self, op: Op) -> None:
+        if op.id not in self.arrivals:
+            self.arrivals[op.id] = self.now_ms()
+            if len(self.arrivals) > ARRIVALS_KEPT:
+                self.arrivals.popitem(last=False)
+
     def _notify(self, op: Op) -> None:
-        self.arrivals[op.id] = self.now_ms()
-        if len(self.arrivals) > ARRIVALS_KEPT:
-            self.arrivals.popitem(last=False)
+        self._stamp(op)
         self._new_ops.unpark_all()
         for listener in self._listeners:
             try:
