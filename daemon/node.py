@@ -43,6 +43,7 @@ from archipel.protocol.messages import PeerInfo
 from archipel.protocol.node import Dial, Hangup, SyncNode, Transmit
 
 from . import rpc
+from .channel import Channel, ChannelClosed
 from .config import Config
 from .identity import Identity
 from .logs import fields
@@ -51,8 +52,6 @@ from .methods import Methods
 from .paths import Home, NodeLock
 from .storage import Store
 from .transport import (
-    Channel,
-    ChannelClosed,
     DialError,
     Transport,
     TransportConfig,
