@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe
@@ -75,16 +74,8 @@ def setup(root: Path, n: int) -> list[Daemon]:
         home.create()
         joined = ident.with_federation(genesis.federation, "Bench", secret)
         identity_mod.save(home.identity, joined)
-        store = Store.open(home.database, snapshot_key=joined.snapshot_key())
-
-        async def write(store: Store = store) -> None:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                await store.append_local(genesis)
-                nursery.cancel_scope.cancel()
-
-        trio.run(write)
-        store.close()
+        with Store.open(home.database, snapshot_key=joined.snapshot_key()) as store:
+            store.write_now([genesis])
         daemons.append(Daemon(i, home))
     return daemons
 

@@ -83,18 +83,8 @@ def init(cell: str, federation: str | None, admission_endorsements: int, home: s
             now = wall_ms()
             params = Params(admission_endorsements=admission_endorsements)
             _, genesis = found_federation(ident.member, federation, [body], now, params=params)
-            store = Store.open(where.database, snapshot_key=ident.snapshot_key())
-            try:
-
-                async def write() -> None:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(store.run)
-                        await store.append_local(genesis)
-                        nursery.cancel_scope.cancel()
-
-                trio.run(write)
-            finally:
-                store.close()
+            with Store.open(where.database, snapshot_key=ident.snapshot_key()) as store:
+                store.write_now([genesis])
             ident = ident.with_federation(genesis.federation, federation, os.urandom(32))
         if not where.config.exists():
             where.config.write_text(config_mod.TEMPLATE, encoding="utf-8")

@@ -473,6 +473,15 @@ class Store:
             with trio.CancelScope(shield=True):
                 await self._drain()
 
+    def write_now(self, ops: Sequence[Op]) -> int:
+        """Store ``ops`` in one fsynced transaction, from the calling thread: for
+        setting a node up before it runs (``archipel init``, tests, benchmarks),
+        never while the writer task runs. Returns how many were new."""
+        if self._started:
+            raise StorageError("write_now() is for a store whose writer is not running")
+        inserted, _ = self._insert_ops(list(ops))
+        return inserted
+
     async def append_local(self, op: Op) -> int:
         """Store an op authored here; return its cursor once it is committed and
         fsynced. Raises :class:`StorageError` if it could not be written."""

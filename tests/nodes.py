@@ -7,7 +7,6 @@ wait is on a condition, under a ``fail_after`` cap, never a sleep.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -66,22 +65,8 @@ def federation_on_disk(root: Path, n: int, *, secret: bytes | None = None) -> Fe
 
 def seed_store(home: Home, ident: Identity, ops: Sequence[Op]) -> None:
     """Write ops into a node's database before it runs."""
-    store = Store.open(home.database, snapshot_key=ident.snapshot_key())
-    try:
-
-        async def write() -> None:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                for op in ops:
-                    await store.append_local(op)
-                nursery.cancel_scope.cancel()
-
-        # a plain thread: the caller may be inside trio.run already
-        thread = threading.Thread(target=trio.run, args=(write,))
-        thread.start()
-        thread.join()
-    finally:
-        store.close()
+    with Store.open(home.database, snapshot_key=ident.snapshot_key()) as store:
+        store.write_now(ops)
 
 
 def config(bootstrap: Sequence[str] = (), **network: object) -> Config:

@@ -173,6 +173,19 @@ async def test_ops_round_trip_in_storage_order(tmp_path: Path) -> None:
         assert_same_state(loaded, replica, ignore=frozenset({"clock"}))
 
 
+async def test_write_now_sets_a_store_up_before_its_writer_runs(tmp_path: Path) -> None:
+    replica, genesis = cells_federation()
+    ops = notes(replica, 3)
+    with open_store(tmp_path) as store:
+        assert store.write_now([genesis, *ops, genesis]) == 4  # the duplicate is ignored
+        async with writer(store):
+            with pytest.raises(StorageError, match="writer is not running"):
+                store.write_now(ops)
+    with open_store(tmp_path) as store:
+        assert stored_ids(tmp_path) == [genesis.id, *(op.id for op in ops)]
+        assert store.load_replica(genesis.federation, LATER).state_hash() == replica.state_hash()
+
+
 async def test_peers_round_trip(tmp_path: Path) -> None:
     peers = [(b"\x01" * 32, ("/ip4/127.0.0.1/tcp/4001",)), (b"\x02" * 32, ())]
     with open_store(tmp_path) as store:
