@@ -9,7 +9,7 @@ PKG_DIRS := crdt protocol daemon cli simulations
 # Strict editable mode links each module into build/; mypy reads that tree
 # (it cannot follow an editable install's import hook). A new module needs a
 # reinstall, so the install depends on the list of modules.
-MODULES := $(sort $(shell find $(PKG_DIRS) -name '*.py' -o -name 'py.typed'))
+MODULES := $(sort $(shell find $(PKG_DIRS) -name '*.py' -o -name 'py.typed' -o -name '*.toml'))
 
 .PHONY: test lint typecheck pytest demo clean FORCE
 

@@ -39,12 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe
 
 from archipel.client import Client, NodeUnreachable
-from archipel.crdt._hlc import ts_from_ms
-from archipel.crdt.genesis import Params, make_genesis
-from archipel.daemon import identity as identity_mod
-from archipel.daemon.identity import Identity
+from archipel.daemon.join import found_on_disk
 from archipel.daemon.paths import Home
-from archipel.daemon.storage import Store
 
 
 @dataclass
@@ -59,25 +55,9 @@ class Daemon:
 
 
 def setup(root: Path, n: int) -> list[Daemon]:
-    idents = [Identity.generate(f"cell {i}") for i in range(n)]
-    cells = [
-        {"name": i.cell, "members": [i.member_public], "devices": [i.device_public]} for i in idents
-    ]
-    genesis = make_genesis(
-        idents[0].member, name="Bench", cells=cells, ts=ts_from_ms(int(time.time() * 1000)),
-        params=Params(admission_endorsements=1),
-    )  # fmt: skip
-    secret = os.urandom(32)
-    daemons = []
-    for i, ident in enumerate(idents):
-        home = Home(root / f"n{i}")
-        home.create()
-        joined = ident.with_federation(genesis.federation, "Bench", secret)
-        identity_mod.save(home.identity, joined)
-        with Store.open(home.database, snapshot_key=joined.snapshot_key()) as store:
-            store.write_now([genesis])
-        daemons.append(Daemon(i, home))
-    return daemons
+    homes = [Home(root / f"n{i}") for i in range(n)]
+    found_on_disk(homes, [f"cell {i}" for i in range(n)], "Bench", int(time.time() * 1000))
+    return [Daemon(i, home) for i, home in enumerate(homes)]
 
 
 def start(daemon: Daemon, bootstrap: list[str]) -> None:

@@ -23,6 +23,7 @@ from archipel.daemon.paths import HomeError, NodeLock
 from archipel.daemon.storage import Store
 
 from ._common import friendly_errors, home_option, resolve_home
+from .cluster.command import cluster
 from .commands import register
 from .demo import demo
 from .sim import sim
@@ -194,6 +195,7 @@ def run(
 
 
 main.add_command(demo)
+main.add_command(cluster)
 main.add_command(sim)
 register(main)
 

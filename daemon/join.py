@@ -11,6 +11,13 @@ admission is complete (backed by ``admission_endorsements`` cells).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
+from archipel.crdt import Op
+from archipel.crdt._hlc import ts_from_ms
+from archipel.crdt.genesis import Params, make_genesis
+
 from .identity import Identity, IdentityError, load, save
 from .invite import Invite, read_invite
 from .paths import Home, NodeLock
@@ -46,3 +53,41 @@ def join(home: Home, code: str, now_ms: int) -> tuple[Identity, Invite]:
         Store.open(home.database, snapshot_key=joined.snapshot_key()).close()
         save(home.identity, joined)
     return joined, invite
+
+
+def found_on_disk(
+    homes: Sequence[Home],
+    cells: Sequence[str],
+    federation_name: str,
+    now_ms: int,
+    *,
+    secret: bytes | None = None,
+    admission_endorsements: int = 1,
+) -> tuple[Op, list[Identity]]:
+    """Create a federation whose founding cells each have a node, all at once,
+    with no daemon running: for test harnesses and benchmarks (a real cell runs
+    ``archipel init`` and joins by invite). Each home is created empty; returns
+    the genesis op and each node's identity."""
+    if len(homes) != len(cells) or not cells:
+        raise IdentityError("one home per founding cell, and at least one cell")
+    fresh = [Identity.generate(name) for name in cells]
+    genesis = make_genesis(
+        fresh[0].member,
+        name=federation_name,
+        cells=[
+            {"name": i.cell, "members": [i.member_public], "devices": [i.device_public]}
+            for i in fresh
+        ],
+        ts=ts_from_ms(now_ms),
+        params=Params(admission_endorsements=admission_endorsements),
+    )
+    secret = secret if secret is not None else os.urandom(32)
+    joined = []
+    for home, new in zip(homes, fresh, strict=True):
+        home.create()
+        ident = new.with_federation(genesis.federation, federation_name, secret)
+        save(home.identity, ident)
+        with Store.open(home.database, snapshot_key=ident.snapshot_key()) as store:
+            store.write_now([genesis])
+        joined.append(ident)
+    return genesis, joined

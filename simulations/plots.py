@@ -356,3 +356,8 @@ def _messages_per_op(report: Mapping[str, Any], path: Path) -> Path:
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+# Shared with the live-cluster harness's report (cli/cluster/report.py).
+figure = _figure
+save_png = _save

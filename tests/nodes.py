@@ -6,7 +6,6 @@ wait is on a condition, under a ``fail_after`` cap, never a sleep.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -15,11 +14,9 @@ from pathlib import Path
 import trio
 
 from archipel.crdt import Op
-from archipel.crdt._hlc import ts_from_ms
-from archipel.crdt.genesis import Params, make_genesis
-from archipel.daemon import identity as identity_mod
 from archipel.daemon.config import Config, NetworkConfig
 from archipel.daemon.identity import Identity
+from archipel.daemon.join import found_on_disk
 from archipel.daemon.node import Node, wall_ms
 from archipel.daemon.paths import Home
 from archipel.daemon.storage import Store
@@ -40,27 +37,11 @@ class Fed:
 
 
 def federation_on_disk(root: Path, n: int, *, secret: bytes | None = None) -> Fed:
-    idents = [Identity.generate(f"cell {i}") for i in range(n)]
-    cells = [
-        {"name": ident.cell, "members": [ident.member_public], "devices": [ident.device_public]}
-        for ident in idents
-    ]
-    genesis = make_genesis(
-        idents[0].member, name="Test federation", cells=cells, ts=ts_from_ms(wall_ms()),
-        params=Params(admission_endorsements=1),
-    )  # fmt: skip
-    secret = secret if secret is not None else os.urandom(32)
-    homes = []
-    joined = []
-    for i, fresh in enumerate(idents):
-        home = Home(root / f"node{i}")
-        home.create()
-        ident = fresh.with_federation(genesis.federation, "Test federation", secret)
-        identity_mod.save(home.identity, ident)
-        seed_store(home, ident, [genesis])
-        homes.append(home)
-        joined.append(ident)
-    return Fed(genesis, secret, joined, homes)
+    homes = [Home(root / f"node{i}") for i in range(n)]
+    names = [f"cell {i}" for i in range(n)]
+    genesis, joined = found_on_disk(homes, names, "Test federation", wall_ms(), secret=secret)
+    assert joined[0].secret is not None
+    return Fed(genesis, joined[0].secret, joined, homes)
 
 
 def seed_store(home: Home, ident: Identity, ops: Sequence[Op]) -> None:

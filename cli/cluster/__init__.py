@@ -1,0 +1,1 @@
+"""``archipel cluster``: real daemons on loopback under faults (docs/cluster.md)."""
