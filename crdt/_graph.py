@@ -233,6 +233,18 @@ class OpGraph:
         """When the earliest held op may be released, or None if none is held."""
         return ts_ms(self._held_queue[0][0]) if self._held_queue else None
 
+    def check(self, op: Op, admission: Admission) -> None:
+        """Raise :class:`InvalidOp` unless ``op``, whose deps are all applied,
+        would be applied now. Changes nothing, not even the rejected set: an op
+        that fails here was never seen by anyone."""
+        if op.federation != self.federation:
+            raise CausalityViolation("op belongs to another federation", op_id=op.id)
+        absent = [dep.hex()[:16] for dep in op.deps if dep not in self._ops]
+        if absent:
+            raise CausalityViolation(f"deps not applied here: {', '.join(absent)}", op_id=op.id)
+        self._check_rules(op)
+        admission.check(op)
+
     def _admit(self, op: Op, admission: Admission) -> None:
         """Check ``op`` (deps all applied) and apply it, or raise and change nothing."""
         try:

@@ -125,6 +125,20 @@ class Replica:
 
         Raises :class:`InvalidOp` (nothing changes) if the op is not allowed.
         """
+        op = self.prepare(key, kind, body, now_ms)
+        self.receive(op, now_ms)
+        return op
+
+    def prepare(
+        self, key: nacl.signing.SigningKey, kind: str, body: Mapping[str, Value], now_ms: int
+    ) -> Op:
+        """Sign a new op on top of everything this replica holds, and check it,
+        without applying it: for a node that stores an op durably before it
+        counts (then :meth:`receive` applies it). Raises :class:`InvalidOp` if
+        the op is not allowed. Two ops prepared one after the other without
+        the first being received name the same previous op: one of them must
+        be dropped unseen.
+        """
         author = bytes(key.verify_key)
         own = self.graph.author_head(author)
         # Required deps first: the author's previous op (the author chain) and
@@ -134,7 +148,12 @@ class Replica:
         record = self._owners.get(kind)
         for name in record.ref_fields.get(kind, ()) if record is not None else ():
             ref = body.get(name)
-            if isinstance(ref, bytes) and ref in self.graph:
+            if isinstance(ref, bytes) and ref not in self.graph:
+                raise RuleViolation(
+                    f"field {name!r} names op {ref.hex()[:16]}…, which this replica does not"
+                    " hold (no such op, or not received yet)"
+                )
+            if isinstance(ref, bytes):
                 required.append(self.graph[ref])
         heads = sorted((self.graph[h] for h in self.graph.heads()), key=_newest_first)
         deps = list(dict.fromkeys(required))
@@ -158,7 +177,7 @@ class Replica:
             body=body,
             limits=self.limits,
         )
-        self.receive(op, now_ms)
+        self.graph.check(op, self)
         return op
 
     # -- Admission, called by the graph -------------------------------------

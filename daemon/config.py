@@ -29,6 +29,8 @@ class NetworkConfig:
     mdns: bool = True
     dial_timeout_s: float = 10.0
     max_connections: int = 64
+    peer_addresses: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(peer id, addresses): dial these peers only there, whatever they announce."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +46,20 @@ class RpcConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClockConfig:
+    offset_ms: int = 0
+    """Added to the system clock: for testing clock skew, or a clock known to be off."""
+
+
+MAX_CLOCK_OFFSET_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     log: LogConfig = field(default_factory=LogConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
 
 LOG_FORMATS = ("human", "json")
@@ -69,6 +81,11 @@ TEMPLATE = f"""\
 # Connections held at once, both directions.
 # max_connections = 64
 
+# Dial these peers only at these addresses, whatever they announce (a VPN
+# address, a port forward; the cluster harness's fault proxy). Keys are peer ids.
+# [network.peer_addresses]
+# "12D3KooW..." = ["/ip4/10.8.0.2/tcp/7717"]
+
 [log]
 # "human" or "json" (one object per line, for log collectors).
 # format = "human"
@@ -79,6 +96,11 @@ TEMPLATE = f"""\
 # The RPC listens on a Unix socket in the node's directory (this user only).
 # A port above 0 also opens 127.0.0.1:<port>, which needs the token in rpc.token.
 # tcp_port = 0
+
+[clock]
+# Milliseconds added to the system clock. Leave at 0 unless testing clock skew:
+# ops dated more than 60 s ahead of their receivers wait until then.
+# offset_ms = 0
 """
 
 
@@ -98,10 +120,12 @@ def parse(text: str, where: str = "config.toml") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    _only(raw, {"network", "log", "rpc"}, where, "")
+    _only(raw, {"network", "log", "rpc", "clock"}, where, "")
     network = _table(raw, "network", where)
     log = _table(raw, "log", where)
     rpc = _table(raw, "rpc", where)
+    clock = _table(raw, "clock", where)
+    _only(clock, set(ClockConfig.__dataclass_fields__), where, "clock.")
     _only(network, set(NetworkConfig.__dataclass_fields__), where, "network.")
     _only(log, set(LogConfig.__dataclass_fields__), where, "log.")
     _only(rpc, set(RpcConfig.__dataclass_fields__), where, "rpc.")
@@ -120,12 +144,33 @@ def parse(text: str, where: str = "config.toml") -> Config:
     if "max_connections" in network:
         count = _int(network["max_connections"], where, "network.max_connections", 1, 10_000)
         net = replace(net, max_connections=count)
+    if "peer_addresses" in network:
+        net = replace(net, peer_addresses=_peer_addresses(network["peer_addresses"], where))
     logs = LogConfig(
         format=_choice(log.get("format", "human"), LOG_FORMATS, where, "log.format"),
         level=_choice(log.get("level", "info"), LOG_LEVELS, where, "log.level"),
     )
     port = _int(rpc.get("tcp_port", 0), where, "rpc.tcp_port", 0, 65535)
-    return Config(network=net, log=logs, rpc=RpcConfig(tcp_port=port))
+    bound = MAX_CLOCK_OFFSET_MS
+    offset = _int(clock.get("offset_ms", 0), where, "clock.offset_ms", -bound, bound)
+    return Config(
+        network=net,
+        log=logs,
+        rpc=RpcConfig(tcp_port=port),
+        clock=ClockConfig(offset_ms=offset),
+    )
+
+
+def _peer_addresses(value: object, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    name = "network.peer_addresses"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {name} must be a table of peer id = [addresses]")
+    out = []
+    for peer, addrs in sorted(value.items()):
+        if not peer.startswith("12D3KooW") or not 40 <= len(peer) <= 60:
+            raise ConfigError(f"{where}: {name}: {peer!r} is not an Ed25519 peer id (12D3KooW…)")
+        out.append((peer, _strings(addrs, where, f"{name}.{peer}", 1)))
+    return tuple(out)
 
 
 def _table(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from archipel.protocol.node import Dial, Hangup, SyncNode, Transmit
 
 from . import rpc
 from .channel import Channel, ChannelClosed
-from .config import Config
+from .config import Config, ConfigError
 from .identity import Identity
 from .logs import fields
 from .mdns import LanDiscovery, federation_tag
@@ -130,7 +130,8 @@ class Node:
         self.config = config
         self.identity = identity
         self.federation = identity.federation
-        self.now_ms = clock_ms
+        offset = config.clock.offset_ms
+        self.now_ms = clock_ms if not offset else (lambda: clock_ms() + offset)
         self._rng = rng if rng is not None else random.Random(os.urandom(16))  # noqa: S311 (peer sampling, not secrets)
         self.stats = NodeStats()
         self.ready = trio.Event()
@@ -150,7 +151,14 @@ class Node:
         self._links: dict[bytes, _Link] = {}
         self._dialling: set[bytes] = set()
         self._bootstrap_keys = {_key_of(a) for a in identity.bootstrap} - {None}
+        self._pinned: dict[bytes, tuple[str, ...]] = {}
+        for peer, addrs in config.network.peer_addresses:
+            try:
+                self._pinned[public_key_of(peer)] = addrs
+            except Exception:
+                raise ConfigError(f"network.peer_addresses: {peer!r} is not a peer id") from None
         self._wake = trio.Event()
+        self._authoring = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._net_scope: trio.CancelScope | None = None
         self._listeners: list[Callable[[Op], None]] = []
@@ -196,14 +204,27 @@ class Node:
         return not any(True for _ in authority.expulsions(grant.cell))
 
     async def author(self, kind: str, body: Mapping[str, Value], *, as_device: bool = False) -> Op:
-        """Sign, apply, store durably, then spread a new op. Raises ``InvalidOp``."""
+        """Sign and check, store durably, apply, then spread a new op.
+
+        Raises ``InvalidOp`` if the op is not allowed, ``StorageError`` if it
+        could not be written (a full disk): either way nothing changed.
+        """
         assert self.replica is not None
         assert self.store is not None
         assert self.sync is not None
         key = self.identity.device if as_device else self.identity.member
-        op = self.replica.author(key, kind, body, self.now_ms())
-        self._stamp(op)  # before the await: an event reader may see the op once it is stored
-        await self.store.append_local(op)
+        async with self._authoring:
+            # Stored before applied: an op that cannot be written (a full disk)
+            # was never applied nor seen, and the next one reuses its place in
+            # the author chain. Hence one op at a time.
+            op = self.replica.prepare(key, kind, body, self.now_ms())
+            self._stamp(op)  # before the await: an event reader may see the op once stored
+            try:
+                await self.store.append_local(op)
+            except BaseException:
+                self.arrivals.pop(op.id, None)
+                raise
+            self.replica.receive(op, self.now_ms())
         self.stats.ops_stored += 1
         self._notify(op)
         self.sync.publish(op, self.now_ms())
@@ -324,6 +345,10 @@ class Node:
                 continue
             if key != self.device:
                 infos.append(PeerInfo(key, (addr,)))
+        pinned = [PeerInfo(k, a) for k, a in self._pinned.items() if k != self.device]
+        if pinned:
+            sync.add_known(pinned)
+        infos = infos or pinned
         if infos:
             sync.add_known(infos)
             sync.join(infos[0], self.now_ms())
@@ -391,7 +416,7 @@ class Node:
         assert sync is not None
         self.stats.dials += 1
         try:
-            channel = await self.transport.dial(info.addrs, info.id)
+            channel = await self.transport.dial(self._pinned.get(info.id, info.addrs), info.id)
         except DialError as exc:
             self.stats.dial_failures += 1
             log.debug("dial failed", **fields(peer=peer_id_of(info.id), error=str(exc)))

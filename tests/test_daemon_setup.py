@@ -9,9 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+from nodes import federation_on_disk
 
 from archipel.daemon import config, identity, logs
+from archipel.daemon.node import Node
 from archipel.daemon.paths import AlreadyRunning, Home, NodeLock
+from archipel.daemon.transport import peer_id_of
 
 # -- config.toml ---------------------------------------------------------------
 
@@ -32,6 +35,9 @@ def test_settings_are_read() -> None:
     assert cfg.rpc.tcp_port == 7718
 
 
+PEER = peer_id_of(bytes(range(32)))
+
+
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
@@ -46,11 +52,36 @@ def test_settings_are_read() -> None:
         ('[log]\nformat = "xml"\n', "log.format must be one of human, json"),
         ("[rpc]\ntcp_port = 70000\n", "rpc.tcp_port must be an integer"),
         ("network = 3\n", "[network] must be a table"),
+        ("[network]\npeer_addresses = 3\n", "peer_addresses must be a table"),
+        ('[network.peer_addresses]\nQmFoo = ["/ip4/1.2.3.4/tcp/1"]\n', "not an Ed25519 peer id"),
+        (f'[network.peer_addresses]\n"{PEER}" = []\n', "needs at least 1"),
+        ("[clock]\noffset_ms = 1.5\n", "clock.offset_ms must be an integer"),
+        ("[clock]\noffset_ms = 999999999999\n", "clock.offset_ms must be an integer"),
+        ("[clock]\nskew = 1\n", "unknown setting clock.skew"),
     ],
 )
 def test_bad_settings_are_named(text: str, complaint: str) -> None:
     with pytest.raises(config.ConfigError, match=complaint.replace("[", r"\[")):
         config.parse(text)
+
+
+def test_peer_addresses_and_clock_offset_are_read() -> None:
+    cfg = config.parse(
+        f'[network.peer_addresses]\n"{PEER}" = ["/ip4/10.0.0.2/tcp/7717"]\n'
+        "[clock]\noffset_ms = -2500\n"
+    )
+    assert cfg.network.peer_addresses == ((PEER, ("/ip4/10.0.0.2/tcp/7717",)),)
+    assert cfg.clock.offset_ms == -2500
+    assert "[network.peer_addresses]" in config.TEMPLATE
+    assert config.parse(config.TEMPLATE) == config.Config()
+
+
+def test_the_clock_offset_shifts_every_timestamp_the_node_takes(tmp_path: Path) -> None:
+    fed = federation_on_disk(tmp_path, 1)
+    shifted = config.Config(clock=config.ClockConfig(offset_ms=60_000))
+    node = Node(fed.homes[0], shifted, fed.identities[0], clock_ms=lambda: 1_000)
+    assert node.now_ms() == 61_000
+    assert Node(fed.homes[0], config.Config(), fed.identities[0], clock_ms=lambda: 5).now_ms() == 5
 
 
 def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
