@@ -150,8 +150,8 @@ class Replica:
             ref = body.get(name)
             if isinstance(ref, bytes) and ref not in self.graph:
                 raise RuleViolation(
-                    f"field {name!r} names op {ref.hex()[:16]}…, which this replica does not"
-                    " hold (no such op, or not received yet)"
+                    f"field {name!r} must name an op among the deps, but this replica does not"
+                    f" hold op {ref.hex()[:16]}… (no such op, or not received yet)"
                 )
             if isinstance(ref, bytes):
                 required.append(self.graph[ref])

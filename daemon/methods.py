@@ -8,7 +8,9 @@ Conventions (docs/rpc.md lists every method):
   The op is signed with the member key (the device key for the kinds in
   :data:`DEVICE_KINDS`), applied, and written to disk (fsync) before the call
   returns its id. A refused op changes nothing and returns ``op_refused`` with
-  the rule that refused it.
+  the rule that refused it. On a full disk nothing changes either: the action
+  returns ``disk_full`` (queries, events and sync go on; ``node.status`` says
+  ``disk_full``).
 - **Queries** take an optional ``now_ms`` (default: the node's clock), so
   that "what was live at 9 o'clock" can be asked too.
 - **Events**: ``events.poll`` returns the ops stored after a cursor (the
@@ -41,6 +43,7 @@ from archipel.crdt.pulse import Pulse
 
 from .invite import InvalidCode, decode_card, make_invite
 from .rpc import NOT_FOUND, OP_REFUSED, UNAVAILABLE, RpcError, invalid_params
+from .storage import DiskFull, StorageError
 from .transport import peer_id_of
 
 if TYPE_CHECKING:
@@ -207,6 +210,10 @@ class Methods:
             raise RpcError(OP_REFUSED, f"{kind} refused: {exc.reason}", "op_refused") from None
         except CapacityError as exc:
             raise RpcError(UNAVAILABLE, f"{kind} not taken: {exc}", "busy") from None
+        except DiskFull as exc:  # nothing was applied nor stored
+            raise RpcError(UNAVAILABLE, f"{kind} not taken: {exc}", "disk_full") from None
+        except StorageError as exc:
+            raise RpcError(UNAVAILABLE, f"{kind} not taken: {exc}", "storage") from None
         return {"id": op.id.hex(), "kind": op.kind, "ts_ms": ts_ms(op.ts)}
 
     # -- the query table ----------------------------------------------------
@@ -254,11 +261,15 @@ class Methods:
 
         @q("node.status")
         async def status(p: dict[str, Any]) -> Any:
-            replica, sync = node.replica, node.sync
+            replica, sync, store = node.replica, node.sync, node.store
             assert replica is not None
             assert sync is not None
+            assert store is not None
             graph = replica.graph
+            storage = store.status()
             return {
+                "disk_full": storage.disk_full,
+                "storage": to_json(storage),
                 "ops": len(graph),
                 "pending": graph.pending_count(),
                 "heads": len(replica.heads()),

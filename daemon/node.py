@@ -50,7 +50,7 @@ from .logs import fields
 from .mdns import LanDiscovery, federation_tag
 from .methods import Methods
 from .paths import Home, NodeLock
-from .storage import Store
+from .storage import StorageError, Store
 from .transport import (
     DialError,
     Transport,
@@ -326,14 +326,22 @@ class Node:
         for link in self._links.values():
             link.send.close()
         self._links.clear()
-        if self.sync is not None:
-            await self._persist()
-            views = {**self.sync.peers.passive, **self.sync.peers.active}
-            remembered = [(i.id, i.addrs) for i in views.values()][:256]
-            await trio.to_thread.run_sync(store.save_peers, remembered)
-        await store.flush()
+        # Each step on its own: a failure (a damaged disk) is logged and the
+        # stop goes on; the ops on disk are the source of truth either way.
+        try:
+            if self.sync is not None:
+                await self._persist()
+                views = {**self.sync.peers.passive, **self.sync.peers.active}
+                remembered = [(i.id, i.addrs) for i in views.values()][:256]
+                await trio.to_thread.run_sync(store.save_peers, remembered)
+            await store.flush()
+        except StorageError as exc:
+            log.error("stopping: ops or peers not saved", **fields(error=str(exc)))
         if self.replica is not None:
-            await store.save_snapshot(self.replica)
+            try:
+                await store.save_snapshot(self.replica)
+            except StorageError as exc:
+                log.error("stopping: snapshot not saved", **fields(error=str(exc)))
         log.info("node stopped", **fields(peer_id=self.peer_id))
 
     def _bootstrap(self, sync: SyncNode) -> None:

@@ -27,6 +27,20 @@ batches; when the queue is full, callers wait (backpressure). A duplicate op
 (same id) is ignored. The write connection is also used, under the same
 lock, by the few other writers (snapshot, peers, start-up repair).
 
+A full disk. A write that fails because the disk (or the user's quota) is
+full raises :class:`DiskFull`, and the store says it is full
+(:meth:`Store.status`) until a write succeeds. An op authored here is then
+refused (``append_local`` raises; the daemon applied nothing). Ops from peers
+in a failed transaction are *retained* (references: the replica holds them
+anyway), up to :data:`MAX_RETAINED_OPS`, and written before anything else by
+the next transaction that succeeds: the writer retries on a backoff
+(:data:`RETRY_FIRST_S` doubling up to :data:`RETRY_MAX_S`), so they are
+written when space returns even if nothing new comes. Ops beyond the cap are
+not retained (logged): the replica holds them, the log does not; a snapshot
+saved later writes them back at the next start, else peers send them again.
+Reads go on as before. A snapshot or the peers that cannot be saved on a full
+disk are logged and skipped, the previous ones stay valid.
+
 What the daemon must do: append every op the replica applies, in the order
 it applied them, and nothing it did not apply; call :meth:`load_replica`
 before :meth:`run`; run :meth:`run` once; call :meth:`close` after it returned.
@@ -35,9 +49,11 @@ before :meth:`run`; run :meth:`run` once; call :meth:`close` after it returned.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -75,12 +91,24 @@ MAX_PEERS = 4096
 MAX_PEER_ADDRS = 32
 MAX_ADDR_CHARS = 512
 BUSY_TIMEOUT_S = 30.0
+MAX_RETAINED_OPS = 65_536  # peers' ops kept for a retry after a failed write (16 batches)
+RETRY_FIRST_S = 1.0  # first retry of retained ops after a failed write; doubles each time
+RETRY_MAX_S = 16.0
+SPACE_PROBE_BYTES = 64 * 1024  # after an I/O error: can this much still be allocated there?
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
+)
 
 
 class StorageError(ArchipelError):
     """The database cannot be opened, read or written: damaged, not ours, full
     disk, closed store. The message says which, and what to do."""
+
+
+class DiskFull(StorageError):
+    """A write failed because the disk holding the database (or the user's
+    quota there) is full. That write changed nothing: free space on that disk."""
 
 
 class SchemaTooNew(StorageError):
@@ -136,6 +164,23 @@ class StoreStats:
     snapshot_bytes: int = 0
     snapshot_serialise_s: float = 0.0  # time the last save_snapshot held the event loop
     snapshot_write_s: float = 0.0  # time the last snapshot took in the writer's thread
+    disk_full_errors: int = 0  # writes of any kind refused for lack of space
+    retries: int = 0  # attempts to write retained ops
+    ops_retained: int = 0  # peers' ops kept after a failed write (written later or dropped)
+    ops_dropped: int = 0  # peers' ops not kept for a retry: over MAX_RETAINED_OPS
+    snapshots_failed: int = 0  # snapshots not saved for lack of space
+
+
+@dataclass(frozen=True, slots=True)
+class StorageStatus:
+    """What :meth:`Store.status` tells: whether the disk is full and what waits for it."""
+
+    disk_full: bool  # the last write failed for lack of space (cleared by the next that succeeds)
+    full_since_ms: int | None  # wall ms of the first failure of this episode
+    retained_ops: int  # peers' ops applied in memory, waiting to be written
+    dropped_ops: int  # peers' ops over the cap, never written (since start)
+    stored_ops: int  # ops committed to the database
+    last_error: str  # the last write error, or ""
 
 
 @dataclass(slots=True)
@@ -188,8 +233,19 @@ class Store:
         self._stopped = False
         self.stats = StoreStats()
         self.last_load: LoadReport | None = None
+        # Peers' ops whose transaction failed, in the order they came: written
+        # first by the next transaction. Only the writer task touches them
+        # (and load_replica's repair, before the writer runs).
+        self._retained: list[Op] = []
+        self._retry_s = 0.0
+        self._retry_at: float | None = None  # trio time of the next retry; None: at once
+        self._dropping = False
+        self._full = False
+        self._full_since_ms: int | None = None
+        self._last_error = ""
+        self._written_lot = trio.lowlevel.ParkingLot()
         try:
-            with _errors("reading the ops log"):
+            with _errors("reading the ops log", path):
                 row = write.execute("SELECT coalesce(max(cursor), 0) FROM ops").fetchone()
         except StorageError:
             self._read.close()
@@ -251,6 +307,32 @@ class Store:
         """How many ops are committed to the database."""
         return self._count
 
+    @property
+    def disk_full(self) -> bool:
+        """Whether the last write failed for lack of space (until one succeeds)."""
+        return self._full
+
+    def retained_count(self) -> int:
+        """How many peers' ops wait, in memory, to be written after a failed write."""
+        return len(self._retained)
+
+    def status(self) -> StorageStatus:
+        """Whether the disk is full, and what waits for space (for ``node.status``)."""
+        return StorageStatus(
+            disk_full=self._full,
+            full_since_ms=self._full_since_ms,
+            retained_ops=len(self._retained),
+            dropped_ops=self.stats.ops_dropped,
+            stored_ops=self._count,
+            last_error=self._last_error,
+        )
+
+    async def next_write(self) -> None:
+        """Return once the writer has handled its next batch (committed it, or
+        failed, or retained it) or retried: for waiting on a condition, e.g.
+        ``while store.retained_count(): await store.next_write()``."""
+        await self._written_lot.park()
+
     def has(self, op_id: bytes) -> bool:
         """Whether an op with this id is committed to the database."""
         with self._reading("looking up an op") as conn:
@@ -285,12 +367,19 @@ class Store:
                 peers.append((bytes(peer), tuple(decoded)))
         return peers
 
-    def save_peers(self, peers: Sequence[tuple[bytes, tuple[str, ...]]]) -> None:
-        """Remember these peers (key, multiaddrs), replacing those remembered before."""
+    def save_peers(self, peers: Sequence[tuple[bytes, tuple[str, ...]]]) -> bool:
+        """Remember these peers (key, multiaddrs), replacing those remembered
+        before. On a full disk nothing changes and it returns False (logged):
+        remembered peers are a convenience."""
         rows = _peer_rows(peers)
-        with self._writing("saving peers") as conn:
-            conn.execute("DELETE FROM peers")
-            conn.executemany("INSERT INTO peers (position, peer, addrs) VALUES (?, ?, ?)", rows)
+        try:
+            with self._writing("saving peers") as conn:
+                conn.execute("DELETE FROM peers")
+                conn.executemany("INSERT INTO peers (position, peer, addrs) VALUES (?, ?, ?)", rows)
+        except DiskFull as exc:
+            log.warning("peers not saved: the previous list stays", **fields(error=str(exc)))
+            return False
+        return True
 
     # -- loading the replica ------------------------------------------------------
 
@@ -443,7 +532,16 @@ class Store:
             stored = {bytes(i) for (i,) in conn.execute("SELECT id FROM ops")}
         missing = [op for op in replica.graph.topological() if op.id not in stored]
         if missing:
-            inserted, last = self._insert_ops(missing)
+            try:
+                inserted, last = self._insert_ops(missing)
+            except DiskFull as exc:
+                # The replica holds them: the writer writes them once there is room.
+                self._retain(missing)
+                log.warning(
+                    "ops of the snapshot missing from the log kept for the writer",
+                    **fields(ops=len(missing), error=str(exc)),
+                )
+                return
             self._count += inserted
             self._last_cursor = max(self._last_cursor, last)
             report.repaired = inserted
@@ -455,17 +553,20 @@ class Store:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The single writer: commit what is queued, batch by batch, until
-        cancelled; then commit what is still queued and return."""
+        cancelled; then commit what is still queued and return. While ops are
+        retained after a failed write, it also wakes on its retry timer."""
         if self._started:
             raise StorageError("the store's writer runs once")
         self._started = True
         task_status.started()
         try:
             while True:
-                try:
-                    batch = [await self._receive.receive()]
-                except trio.ClosedResourceError:  # close() was called: nothing more to write
-                    return
+                batch: list[_Item] = []
+                with trio.move_on_after(self._until_retry()):
+                    try:
+                        batch.append(await self._receive.receive())
+                    except trio.ClosedResourceError:  # close() was called: nothing more to write
+                        return
                 self._take_queued(batch)
                 with trio.CancelScope(shield=True):  # a batch taken is a batch written
                     await self._commit(batch)
@@ -484,7 +585,8 @@ class Store:
 
     async def append_local(self, op: Op) -> int:
         """Store an op authored here; return its cursor once it is committed and
-        fsynced. Raises :class:`StorageError` if it could not be written."""
+        fsynced. Raises :class:`DiskFull` if the disk is full, :class:`StorageError`
+        if it could not be written for another reason: either way it is not stored."""
         ticket = _Ticket()
         await self._enqueue(_Item((op,), ticket))
         await ticket.done.wait()
@@ -494,12 +596,14 @@ class Store:
 
     async def append_remote(self, ops: Sequence[Op]) -> None:
         """Queue ops received from peers; they are written in batches. Waits
-        while the queue is full."""
+        while the queue is full. If their transaction fails (a full disk), they
+        are retained and written later (see :data:`MAX_RETAINED_OPS`)."""
         for start in range(0, len(ops), MAX_ITEM_OPS):
             await self._enqueue(_Item(tuple(ops[start : start + MAX_ITEM_OPS]), None))
 
     async def flush(self) -> None:
-        """Return once everything queued before the call is committed."""
+        """Return once everything queued before the call is committed, or
+        retained for a retry after a failed write (:meth:`retained_count`)."""
         ticket = _Ticket()
         try:
             await self._enqueue(_Item((), ticket))
@@ -509,20 +613,28 @@ class Store:
             raise
         await ticket.done.wait()
 
-    async def save_snapshot(self, replica: Replica) -> None:
+    async def save_snapshot(self, replica: Replica) -> bool:
         """Write a snapshot of ``replica`` covering every op committed so far.
 
         Serialising runs on the calling (trio) thread, since the replica must
         not change meanwhile: it holds the event loop about 15 µs per op (15 to
         17 s for a million ops, see docs/storage.md). Writing runs in the
-        writer's thread.
+        writer's thread. On a full disk nothing is written and it returns
+        False (logged): the previous snapshot stays valid, and the ops, the
+        source of truth, are all there is to replay.
         """
         await self.flush()
         started = time.perf_counter()
         pieces = snapshot.dump(replica)
         cursor = self._last_cursor  # every op up to here is in the replica
         self.stats.snapshot_serialise_s = time.perf_counter() - started
-        await trio.to_thread.run_sync(self._write_snapshot, pieces, cursor)
+        try:
+            await trio.to_thread.run_sync(self._write_snapshot, pieces, cursor)
+        except DiskFull as exc:
+            self.stats.snapshots_failed += 1
+            log.error("snapshot not saved: the previous one stays valid", **fields(error=str(exc)))
+            return False
+        return True
 
     async def _enqueue(self, item: _Item) -> None:
         if self._closed:
@@ -542,7 +654,34 @@ class Store:
             batch.append(item)
             count += len(item.ops)
 
-    async def _commit(self, batch: list[_Item]) -> None:
+    def _until_retry(self) -> float:
+        """Seconds until the writer retries the retained ops (inf: none retained)."""
+        if not self._retained:
+            return math.inf
+        if self._retry_at is None:
+            return 0.0
+        return max(0.0, self._retry_at - trio.current_time())
+
+    async def _commit(self, batch: list[_Item], *, force: bool = False) -> None:
+        """Write ``batch``, after the retained ops if any. Peers' ops of a failed
+        transaction are retained; ops authored here fail with its error."""
+        try:
+            await self._write_items(batch, force=force)
+        finally:
+            self._written_lot.unpark_all()
+
+    async def _write_items(self, batch: list[_Item], *, force: bool) -> None:
+        if self._retained:
+            local = any(item.ticket is not None and item.ops for item in batch)
+            due = self._retry_at is None or trio.current_time() >= self._retry_at
+            if not (local or due or force):
+                # The last write failed moments ago: queue up behind, without a try.
+                self._settle_failed(batch, None)
+                return
+            error = await self._write_retained()
+            if error is not None:
+                self._settle_failed(batch, error)
+                return
         ops: list[Op] = []
         locals_: list[int] = []  # indices in batch of the items of append_local
         offsets: list[int] = []  # and of their op in ops
@@ -551,38 +690,115 @@ class Store:
                 locals_.append(i)
                 offsets.append(len(ops))
             ops.extend(item.ops)
-        try:
-            inserted, last, cursors = await trio.to_thread.run_sync(self._write_batch, ops, offsets)
-        except StorageError as exc:
-            self.stats.failed_transactions += 1
-            log.error("ops not stored", **fields(ops=len(ops), error=str(exc)))
-            for item in batch:
-                if item.ticket is not None:
-                    item.ticket.error = exc
-                    item.ticket.done.set()
-            return
-        self._count += inserted
-        self._last_cursor = max(self._last_cursor, last)
-        self.stats.transactions += 1
-        self.stats.ops_written += inserted
-        self.stats.duplicates += len(ops) - inserted
-        for i, cursor in zip(locals_, cursors, strict=True):
-            ticket = batch[i].ticket
-            assert ticket is not None
-            ticket.cursor = cursor
+        if ops:
+            try:
+                inserted, last, cursors = await trio.to_thread.run_sync(
+                    self._write_batch, ops, offsets
+                )
+            except StorageError as exc:
+                self._settle_failed(batch, exc)
+                self._failed(len(ops), exc)
+                return
+            self._written(len(ops), inserted, last)
+            for i, cursor in zip(locals_, cursors, strict=True):
+                ticket = batch[i].ticket
+                assert ticket is not None
+                ticket.cursor = cursor
         for item in batch:
             if item.ticket is not None:
                 item.ticket.done.set()
 
+    async def _write_retained(self) -> StorageError | None:
+        """Write the retained ops, in order, a batch per transaction; the error
+        of the first transaction that fails (the rest stay retained), or None."""
+        total = len(self._retained)
+        while self._retained:  # bounded: MAX_RETAINED_OPS / MAX_BATCH_OPS rounds
+            chunk = self._retained[:MAX_BATCH_OPS]
+            self.stats.retries += 1
+            try:
+                inserted, last, _ = await trio.to_thread.run_sync(self._write_batch, chunk, [])
+            except StorageError as exc:
+                self._failed(len(chunk), exc)
+                return exc
+            del self._retained[: len(chunk)]
+            self._written(len(chunk), inserted, last)
+        log.warning("ops kept after a failed write are now stored", **fields(ops=total))
+        self._dropping = False
+        return None
+
+    def _settle_failed(self, batch: list[_Item], error: StorageError | None) -> None:
+        """After a failed write (or none tried, ``error`` None, while retained ops
+        wait): peers' ops join the retained ones, callers are told."""
+        for item in batch:
+            if item.ticket is None:
+                self._retain(item.ops)
+                continue
+            if item.ops:
+                assert error is not None  # an op authored here always gets a try
+                item.ticket.error = error
+            item.ticket.done.set()
+
+    def _retain(self, ops: Sequence[Op]) -> None:
+        room = MAX_RETAINED_OPS - len(self._retained)
+        kept = ops[: max(room, 0)]
+        self._retained.extend(kept)
+        self.stats.ops_retained += len(kept)
+        dropped = len(ops) - len(kept)
+        if dropped:
+            self.stats.ops_dropped += dropped
+            if not self._dropping:
+                self._dropping = True
+                log.error(
+                    "ops from peers not kept for a retry: over the cap; the replica holds"
+                    " them, the log does not: a snapshot saved later writes them back at"
+                    " the next start, else peers send them again after a restart",
+                    **fields(cap=MAX_RETAINED_OPS, dropped=dropped),
+                )
+
+    def _failed(self, count: int, exc: StorageError) -> None:
+        """A transaction of ``count`` ops failed: back off the next retry."""
+        self.stats.failed_transactions += 1
+        self._retry_s = min(max(2 * self._retry_s, RETRY_FIRST_S), RETRY_MAX_S)
+        self._retry_at = trio.current_time() + self._retry_s
+        log.error(
+            "ops not stored",
+            **fields(
+                ops=count,
+                retained=len(self._retained),
+                retry_s=self._retry_s,
+                disk_full=isinstance(exc, DiskFull),
+                error=str(exc),
+            ),
+        )
+
+    def _written(self, count: int, inserted: int, last: int) -> None:
+        """A transaction of ``count`` ops committed."""
+        self._count += inserted
+        self._last_cursor = max(self._last_cursor, last)
+        self.stats.transactions += 1
+        self.stats.ops_written += inserted
+        self.stats.duplicates += count - inserted
+        if not self._retained:
+            self._retry_s = 0.0
+            self._retry_at = None
+
     async def _drain(self) -> None:
-        """Commit what is still queued, then refuse more (bounded: a task that
-        keeps queueing while the store stops cannot hold it open)."""
-        for _ in range(QUEUE_ITEMS):
+        """Commit what is still queued (retained ops first: one last try), then
+        refuse more (bounded: a task that keeps queueing while the store stops
+        cannot hold it open)."""
+        for round_ in range(QUEUE_ITEMS + 1):
             batch: list[_Item] = []
             self._take_queued(batch)
-            if not batch:
+            if not batch and (round_ or not self._retained):
                 break
-            await self._commit(batch)
+            await self._commit(batch, force=round_ == 0)
+        if self._retained:
+            log.error(
+                "ops from peers not stored as the store stopped: the replica held them;"
+                " a snapshot saved before writes them back at the next start, else peers"
+                " send them again",
+                **fields(ops=len(self._retained)),
+            )
         self._stopped = True
         leftovers: list[_Item] = []
         self._take_queued(leftovers)
@@ -658,26 +874,41 @@ class Store:
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the write connection (committed on exit)."""
-        with self._write_lock, _errors(what):
-            if self._closed:
-                raise StorageError("the store is closed")
-            conn = self._write
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # Also when COMMIT itself failed (a full disk): leave no
-                # transaction open for the next one to trip on.
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise
+        """One write transaction on the write connection (committed on exit).
+        Notes whether the disk is full: set by a :class:`DiskFull`, cleared by
+        a commit."""
+        try:
+            with self._write_lock, _errors(what, self.path):
+                if self._closed:
+                    raise StorageError("the store is closed")
+                conn = self._write
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # Also when COMMIT itself failed (a full disk): leave no
+                    # transaction open for the next one to trip on.
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+        except StorageError as exc:
+            self._last_error = str(exc)
+            if isinstance(exc, DiskFull):
+                self.stats.disk_full_errors += 1
+                if not self._full:
+                    self._full = True
+                    self._full_since_ms = time.time_ns() // 1_000_000
+            raise
+        if self._full:
+            log.warning("the disk has room again: writes succeed", **fields(path=str(self.path)))
+        self._full = False
+        self._full_since_ms = None
 
     @contextlib.contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._read_lock, _errors(what):
+        with self._read_lock, _errors(what, self.path):
             if self._closed:
                 raise StorageError("the store is closed")
             yield self._read
@@ -696,20 +927,72 @@ def _stored_op(data: bytes, ident: bytes) -> Op:
 
 
 @contextlib.contextmanager
-def _errors(what: str) -> Iterator[None]:
-    """Turn SQLite's errors into :class:`StorageError` saying what failed."""
+def _errors(what: str, path: Path | None = None) -> Iterator[None]:
+    """Turn SQLite's errors into :class:`StorageError` saying what failed, and
+    :class:`DiskFull` when the disk holding ``path`` is full."""
     try:
         yield
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.Error, OSError) as exc:
+        if path is not None and _is_full(exc, path):
+            raise DiskFull(
+                f"{what}: the disk holding {path} is full ({exc}): free space on it;"
+                " nothing was written"
+            ) from None
+        if isinstance(exc, OSError):
+            raise StorageError(f"{what}: {exc}") from None
         text = str(exc)
+        if not isinstance(exc, sqlite3.DatabaseError):
+            raise StorageError(f"{what}: {text}") from None
         if "malformed" in text or "not a database" in text or "corrupt" in text:
             raise StorageError(
                 f"{what}: the database file is damaged ({text}); restore a backup, or move"
                 " it aside and let the node fetch the ops again from its peers"
             ) from None
         raise StorageError(f"{what}: {text}") from None
-    except sqlite3.Error as exc:
-        raise StorageError(f"{what}: {exc}") from None
+
+
+def _is_full(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc`` means that the disk holding ``path`` is full.
+
+    SQLite says SQLITE_FULL when a write comes up short (ENOSPC). Other
+    failures to allocate show as I/O errors: a quota (EDQUOT) is
+    SQLITE_IOERR_WRITE, a wal-index that cannot grow SQLITE_IOERR_SHMSIZE, and
+    Python does not expose the errno behind them. So after an I/O error the
+    store tries to allocate :data:`SPACE_PROBE_BYTES` beside the database.
+    """
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(code, int):
+        return "database or disk is full" in str(exc)
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    return code & 0xFF == sqlite3.SQLITE_IOERR and not _has_room(path)
+
+
+def _has_room(path: Path) -> bool:
+    """Whether :data:`SPACE_PROBE_BYTES` can be allocated beside ``path`` (a
+    probe file, removed at once). False only when the system says ENOSPC or EDQUOT."""
+    probe = Path(f"{path}-space")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        return exc.errno not in _FULL_ERRNOS
+    try:
+        os.posix_fallocate(fd, 0, SPACE_PROBE_BYTES)
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            return False
+        # No fallocate on this file system: what statvfs says is left.
+        with contextlib.suppress(OSError):
+            st = os.statvfs(probe.parent)
+            return st.f_bavail * st.f_frsize >= SPACE_PROBE_BYTES
+        return True
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return True
 
 
 def _create_file(path: Path) -> bool:
@@ -720,6 +1003,11 @@ def _create_file(path: Path) -> bool:
     except FileExistsError:
         fd = None
     except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise DiskFull(
+                f"cannot create the database {path}: the disk holding it is full ({exc}):"
+                " free space on it"
+            ) from None
         raise StorageError(f"cannot create the database {path}: {exc}") from None
     if fd is not None:
         os.close(fd)
@@ -750,7 +1038,7 @@ def _sync_directory(directory: Path) -> None:
 
 
 def _connect(path: Path, *, query_only: bool = False) -> sqlite3.Connection:
-    with _errors(f"opening {path}"):
+    with _errors(f"opening {path}", path):
         conn = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
@@ -764,7 +1052,7 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
 
     Nothing is written before the version check: a newer database is left as it was.
     """
-    with _errors(f"opening {path}"):
+    with _errors(f"opening {path}", path):
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
         if tables:
             (app_id,) = conn.execute("PRAGMA application_id").fetchone()

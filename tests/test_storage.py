@@ -315,30 +315,6 @@ async def test_a_batch_the_writer_took_is_written_even_if_cancelled(tmp_path: Pa
             assert store.stored_count() == 1, f"round {round_}"
 
 
-async def test_a_failed_write_raises_and_the_writer_goes_on(tmp_path: Path) -> None:
-    replica, genesis = cells_federation()
-    big = [
-        replica.author(key(member(0)), "note", {"text": "x" * 4000}, T0 + i + 1) for i in range(20)
-    ]
-    with open_store(tmp_path) as store:
-        async with writer(store):
-            await store.append_local(genesis)
-            with store._write_lock:  # a full disk: the file may not grow
-                (pages,) = store._write.execute("PRAGMA page_count").fetchone()
-                store._write.execute(f"PRAGMA max_page_count = {pages}")
-            with pytest.raises(StorageError, match="full"):
-                await store.append_local(big[0])
-            await store.append_remote(big[1:])  # dropped, logged
-            await store.flush()
-            assert store.stats.failed_transactions == 2
-            with store._write_lock:
-                store._write.execute("PRAGMA max_page_count = 1073741823")
-            assert await store.append_local(big[0]) == 2
-            await store.append_remote(big[1:])
-        assert store.stored_count() == 21
-    assert stored_ids(tmp_path) == [genesis.id, *(op.id for op in big)]
-
-
 # -- schema and migrations ------------------------------------------------------------
 
 
