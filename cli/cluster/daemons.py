@@ -2,7 +2,7 @@
 
 Each daemon is ``archipel run`` in its own process, listening on a fixed
 loopback port (so that a restart comes back where its peers' proxies point)
-and logging JSON lines to ``daemon.log`` in its home. Its RPC is reached
+and logging JSON lines to ``logs/nodeN.log`` beside the homes. Its RPC is reached
 through the Unix socket in its home.
 """
 
@@ -56,7 +56,8 @@ class Daemon:
 
     @property
     def log_path(self) -> Path:
-        return self.home.root / "daemon.log"
+        """Outside the home, which may be a tmpfs made to fill up."""
+        return self.home.root.parent.parent / "logs" / f"{self.name}.log"
 
     @property
     def rpc(self) -> AsyncClient:
@@ -69,13 +70,14 @@ class Daemon:
         return f"/ip4/127.0.0.1/tcp/{self.port}"
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Start the daemon and return once it listens; its stderr goes to daemon.log."""
+        """Start the daemon and return once it listens; its stderr goes to its log."""
         if self.state != "down":
             raise ClusterError(f"{self.name} is already running")
         command = [
             sys.executable, "-m", "archipel.cli.main", "run", "--home", str(self.home.root),
             "--listen", self.listen, "--no-mdns", "--log-format", "json",
         ]  # fmt: skip
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         process = await trio.lowlevel.open_process(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -171,14 +173,18 @@ def free_port() -> int:
 
 
 async def _drain(stream: trio.abc.ReceiveStream, log: BinaryIO) -> None:
+    """Copy a daemon's stderr to its log; keep reading (so that the daemon never
+    blocks on a full pipe) even if the log cannot be written."""
     try:
         while chunk := await stream.receive_some(65536):
-            log.write(chunk)
-            log.flush()
+            with contextlib.suppress(OSError):
+                log.write(chunk)
+                log.flush()
     except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
         pass
     finally:
-        log.close()
+        with contextlib.suppress(OSError):
+            log.close()
 
 
 def _rss_kib(pid: int) -> int:

@@ -25,7 +25,6 @@ import contextlib
 import errno
 import os
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -381,11 +380,6 @@ async def _teardown(run: Run) -> None:
     async with trio.open_nursery() as stopping:
         for d in run.daemons:
             stopping.start_soon(d.stop)
-    logs = run.out / "logs"
-    logs.mkdir(exist_ok=True)
-    for d in run.daemons:
-        if d.log_path.exists():
-            shutil.copyfile(d.log_path, logs / f"{d.name}.log")
 
 
 # -- the report ---------------------------------------------------------------------

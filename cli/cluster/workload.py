@@ -51,8 +51,8 @@ class Knowledge:
     skipped: int = 0
     examples: dict[str, str] = field(default_factory=dict)
     """One error message for each reason a call failed."""
-    offers: dict[str, int] = field(default_factory=dict)
-    """offer id -> units not yet claimed (as far as the harness knows)."""
+    offers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """offer id -> (units not yet claimed as far as the harness knows, offering node)."""
     mandates: dict[str, tuple[int, int, float]] = field(default_factory=dict)
     """live mandate id -> (issuing node, delegate node, granted at s)."""
     recalled: set[str] = field(default_factory=set)
@@ -147,7 +147,8 @@ class Driver:
         return "ledger.entry", params, None
 
     def _aid(self) -> tuple[str, dict[str, Any], Any]:
-        open_offers = [o for o, left in self.k.offers.items() if left > 0]
+        me = self.daemon.index
+        open_offers = [o for o, (left, node) in self.k.offers.items() if left > 0 and node != me]
         if open_offers and self.rng.random() < 0.7:
             offer = self.rng.choice(sorted(open_offers))
             return "aid.claim", {"offer": offer, "quantity": 1}, ("claim", offer)
@@ -155,7 +156,7 @@ class Driver:
             "what": "loaves",
             "quantity": 3,
             "unit": "loaf",
-            "location": f"cell {self.daemon.index}",
+            "location": f"cell {me}",
             "until": self.now_ms() + MANDATE_MS,
         }
         return "aid.offer", params, ("offer", 3)
@@ -241,9 +242,10 @@ class Driver:
             return
         what, arg = then
         if what == "offer":
-            k.offers[ident] = arg
+            k.offers[ident] = (arg, self.daemon.index)
         elif what == "claim":
-            k.offers[arg] = max(0, k.offers.get(arg, 0) - 1)
+            left, node = k.offers[arg]
+            k.offers[arg] = (max(0, left - 1), node)
         elif what == "grant":
             k.mandates[ident] = (self.daemon.index, arg, self.now_s())
         elif what == "recall":
