@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import click
 
 from archipel.crdt import ArchipelError
+from archipel.daemon import logs
 from archipel.daemon.paths import HOME_ENV, Home
+
+log = logging.getLogger("archipel")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -27,8 +31,16 @@ def resolve_home(home: str | None) -> Home:
     return Home.resolve(home)
 
 
+CRASHED = "the node stopped on an unexpected error (a bug): its traceback is in the log above"
+
+
 def friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
-    """Report Archipel's typed errors as one line and exit status 1, without a traceback."""
+    """Report Archipel's typed errors as one line and exit status 1, without a traceback.
+
+    Any other error is a bug. In a command that logs (``archipel run``), its traceback
+    goes to the log, in the log's format (a JSON record with ``--log-format json``), and
+    the command exits with status 1 and one line; elsewhere Python prints it as usual.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -38,11 +50,23 @@ def friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
             raise click.ClickException(str(exc)) from None
         except BaseExceptionGroup as group:  # from inside trio.run
             leaf = archipel_error_in(group)
-            if leaf is None:
-                raise
-            raise click.ClickException(str(leaf)) from None
+            if leaf is not None:
+                raise click.ClickException(str(leaf)) from None
+            if isinstance(group, ExceptionGroup):
+                _log_crash(group)
+            raise
+        except Exception as exc:
+            _log_crash(exc)
+            raise
 
     return wrapper
+
+
+def _log_crash(exc: Exception) -> None:
+    """If this process logs, log ``exc`` as a crash and exit with one line; else return."""
+    if logs.configured():
+        log.critical("unexpected error: the node stopped", exc_info=exc)
+        raise click.ClickException(CRASHED) from None
 
 
 def archipel_error_in(group: BaseExceptionGroup[BaseException]) -> ArchipelError | None:

@@ -51,6 +51,19 @@ class Identity:
     admission: bytes | None = None
     """The ``cell.admit`` op that admits this cell, if it joined by invite."""
 
+    def __repr__(self) -> str:
+        # Never the keys nor the secret: the dataclass repr would print the secret's bytes,
+        # and str() of a nacl SigningKey is its seed (tests/test_secrets.py checks).
+        return (
+            f"Identity(cell={self.cell!r}, member={self.member_public.hex()[:16]}, "
+            f"device={self.device_public.hex()[:16]}, "
+            f"federation={self.federation.hex()[:16] if self.federation else None}, "
+            f"federation_name={self.federation_name!r}, "
+            f"secret={'<hidden>' if self.secret is not None else None}, "
+            f"bootstrap={len(self.bootstrap)} addresses, "
+            f"admission={self.admission.hex()[:16] if self.admission else None})"
+        )
+
     @classmethod
     def generate(cls, cell: str) -> Identity:
         return cls(

@@ -12,8 +12,16 @@ answer a JSON-RPC response. Two doors:
   method.
 
 HTTP is parsed by h11; bodies are capped at :data:`MAX_BODY`, batches at
-:data:`MAX_BATCH`, idle connections closed after :data:`IDLE_S`. What the
-methods are and what they return is :mod:`archipel.daemon.methods`.
+:data:`MAX_BATCH`, JSON nesting at :data:`MAX_DEPTH`. Every wait on a client
+is bounded: a request must arrive whole within :data:`REQUEST_S` of its first
+byte (a slowloris client is cut off), an answer must be taken within
+:data:`SEND_S`, an idle connection is closed after :data:`IDLE_S`. Each door
+serves at most :data:`MAX_CLIENTS` connections at once, so clients of the TCP
+port, even without the token, cannot crowd out the Unix socket. A request
+whose framing is ambiguous (both ``Content-Length`` and ``Transfer-Encoding``)
+or unreadable is refused and its connection closed, as is one without the
+token. What the methods are and what they return is
+:mod:`archipel.daemon.methods`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +44,7 @@ import trio
 from archipel.crdt import ArchipelError
 
 from .logs import fields
+from .paths import HomeError
 
 if TYPE_CHECKING:
     # py-libp2p pulls in trio-typing, whose trio-stubs shadow trio's own annotations;
@@ -45,8 +55,18 @@ log = logging.getLogger("archipel.rpc")
 
 MAX_BODY = 1 << 20
 MAX_BATCH = 100
+MAX_DEPTH = 32
+"""JSON nesting a request may have (op bodies nest far less)."""
+MAX_MESSAGE_CHARS = 1000
+"""Error messages are cut there: one that quotes a huge input does not grow with it."""
 IDLE_S = 300.0
+"""A connection that waits for its next request is closed after this long."""
+REQUEST_S = 30.0
+"""A request (headers and body) must arrive whole within this long of its first byte."""
+SEND_S = 30.0
+"""A client must take its answer within this long, or the connection is dropped."""
 MAX_CLIENTS = 64
+"""Connections served at once on each door (the Unix socket; the TCP port)."""
 
 # JSON-RPC 2.0 codes, and ours in the server range.
 PARSE_ERROR = -32700
@@ -73,7 +93,10 @@ class RpcError(ArchipelError):
         data: dict[str, Any] = {"reason": self.reason}
         if self.data is not None:
             data["detail"] = self.data
-        return {"code": self.code, "message": self.message, "data": data}
+        message = self.message
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "…"
+        return {"code": self.code, "message": message, "data": data}
 
 
 def invalid_params(message: str) -> RpcError:
@@ -85,21 +108,53 @@ Dispatch = Callable[[str, Any], Awaitable[Any]]
 
 async def handle_payload(body: bytes, dispatch: Dispatch) -> bytes | None:
     """One HTTP body in, the JSON-RPC answer out (``None`` for notifications only)."""
-    try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _dump(_error(None, RpcError(PARSE_ERROR, f"not JSON: {exc}", "parse_error")))
+    request, problem = _parse(body)
+    if problem is not None:
+        return _dump(_error(None, problem))
     if isinstance(request, list):
-        if not request:
-            return _dump(_error(None, RpcError(INVALID_REQUEST, "empty batch", "invalid_request")))
-        if len(request) > MAX_BATCH:
-            message = f"a batch holds at most {MAX_BATCH} calls"
-            return _dump(_error(None, RpcError(INVALID_REQUEST, message, "invalid_request")))
-        answers = [await _one(item, dispatch) for item in request]
+        answers = []
+        for item in request:
+            answers.append(await _one(item, dispatch))
+            await trio.lowlevel.checkpoint()  # a batch of heavy queries lets the node breathe
         present = [a for a in answers if a is not None]
         return _dump(present) if present else None
     answer = await _one(request, dispatch)
     return None if answer is None else _dump(answer)
+
+
+def _parse(body: bytes) -> tuple[Any, RpcError | None]:
+    """The request or batch in ``body``, or the error that answers it."""
+    try:
+        request = json.loads(body)
+    except RecursionError:  # the parser's own limit: far deeper than MAX_DEPTH
+        message = f"not JSON this server reads: nested deeper than {MAX_DEPTH} levels"
+        return None, RpcError(PARSE_ERROR, message, "parse_error")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, RpcError(PARSE_ERROR, f"not JSON: {exc}", "parse_error")
+    if _nested_deeper(request, MAX_DEPTH):
+        return None, _bad_request(f"the request is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(request, list) and not request:
+        return None, _bad_request("empty batch")
+    if isinstance(request, list) and len(request) > MAX_BATCH:
+        return None, _bad_request(f"a batch holds at most {MAX_BATCH} calls")
+    return request, None
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects deeper than ``limit`` (without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _bad_request(message: str) -> RpcError:
@@ -139,7 +194,11 @@ def _error(ident: Any, exc: RpcError) -> dict[str, Any]:
 
 
 def _dump(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON, not UTF-8): escape
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 # -- HTTP ------------------------------------------------------------------------
@@ -148,10 +207,11 @@ def _dump(value: Any) -> bytes:
 async def serve_http(
     stream: trio.abc.Stream, dispatch: Dispatch, token: str | None, limit: trio.CapacityLimiter
 ) -> None:
-    """Serve one HTTP connection (keep-alive) until it closes or idles."""
+    """Serve one HTTP connection (keep-alive) until it closes, idles or misbehaves."""
     async with stream:
         if limit.available_tokens == 0:
-            await _respond(h11.Connection(h11.SERVER), stream, 503, b'{"error":"busy"}', close=True)
+            message = f"the node already serves {MAX_CLIENTS} clients here: try again"
+            await _respond_last(h11.Connection(h11.SERVER), stream, 503, message)
             return
         async with limit:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
@@ -161,13 +221,18 @@ async def serve_http(
                 except _Done:
                     return
                 except _Reject as rejected:
-                    with contextlib.suppress(Exception):
-                        await _respond(conn, stream, rejected.status, rejected.body, close=True)
+                    await _respond_last(conn, stream, rejected.status, rejected.message)
                     return
                 status, answer = await _route(request, body, dispatch, token)
                 try:
-                    await _respond(conn, stream, status, answer)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                    with trio.fail_after(SEND_S):
+                        await _respond(conn, stream, status, answer, close=status == 401)
+                except (
+                    trio.TooSlowError,
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    h11.LocalProtocolError,
+                ):
                     return
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
@@ -184,34 +249,29 @@ class _Done(Exception):
 class _Reject(Exception):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
-        self.body = _dump({"error": message})
+        self.message = message
 
 
 async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[h11.Request, bytes]:
+    """The next request: waits up to IDLE_S for it to begin, then REQUEST_S for all of it."""
     request: h11.Request | None = None
     body = bytearray()
+    deadline: float | None = None  # set by the first byte of this request
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise _Reject(400, f"bad HTTP: {exc}") from None
+            raise _Reject(exc.error_status_hint, f"bad HTTP: {exc}") from None
         if event is h11.NEED_DATA:
-            with trio.move_on_after(IDLE_S) as idle:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise _Done from None
-            if idle.cancelled_caught:
-                raise _Done
+            data = await _receive(stream, deadline)
+            if deadline is None:
+                deadline = trio.current_time() + REQUEST_S
             conn.receive_data(data)
             if not data and request is None:
                 raise _Done
-            continue
-        if isinstance(event, h11.Request):
+        elif isinstance(event, h11.Request):
+            _check_framing(event)
             request = event
-            length = _header(event, b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-                raise _Reject(413, f"the body may hold at most {MAX_BODY} bytes")
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:
@@ -221,6 +281,31 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[
             return request, bytes(body)
         elif isinstance(event, h11.ConnectionClosed | h11.PAUSED):
             raise _Done
+
+
+async def _receive(stream: trio.abc.Stream, deadline: float | None) -> bytes:
+    """More bytes: before ``deadline`` (408) once a request has begun, else within IDLE_S."""
+    until = deadline if deadline is not None else trio.current_time() + IDLE_S
+    data = b""
+    with trio.move_on_at(until) as waited:
+        try:
+            data = bytes(await stream.receive_some(65536))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Done from None
+    if not waited.cancelled_caught:
+        return data
+    if deadline is not None:
+        raise _Reject(408, f"the request did not arrive whole within {REQUEST_S:g} s")
+    raise _Done
+
+
+def _check_framing(request: h11.Request) -> None:
+    length = _header(request, b"content-length")
+    if length is not None and _header(request, b"transfer-encoding") is not None:
+        # RFC 9112 6.1: ambiguous framing, the classic request-smuggling vector
+        raise _Reject(400, "both Content-Length and Transfer-Encoding: send one")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise _Reject(413, f"the body may hold at most {MAX_BODY} bytes")
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -246,6 +331,14 @@ async def _route(
     return (200, answer) if answer is not None else (204, b"")
 
 
+async def _respond_last(
+    conn: h11.Connection, stream: trio.abc.Stream, status: int, message: str
+) -> None:
+    """A last answer (an error), then the caller hangs up; a client that is gone is no error."""
+    with trio.move_on_after(SEND_S), contextlib.suppress(Exception):
+        await _respond(conn, stream, status, _dump({"error": message}), close=True)
+
+
 async def _respond(
     conn: h11.Connection, stream: trio.abc.Stream, status: int, body: bytes, *, close: bool = False
 ) -> None:
@@ -262,18 +355,33 @@ async def _respond(
 
 
 def load_or_create_token(path: Path) -> str:
-    """The TCP bearer token, created on first use (mode 0600)."""
-    with contextlib.suppress(FileNotFoundError):
-        token = path.read_text(encoding="ascii").strip()
-        if len(token) >= 32:
-            return token
+    """The TCP bearer token, created on first use (mode 0600).
+
+    A token file that other users may read (or that is not a plain file, or holds no
+    usable token) is replaced by a new token: whoever read it could act as this node's
+    member. The replacement is logged.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        token = ""
+        if stat.S_ISREG(info.st_mode) and not info.st_mode & 0o077:
+            token = path.read_bytes()[:1024].decode("ascii", "replace").strip()
+            if len(token) >= 32 and token.isascii() and token.isprintable():
+                return token
+        if stat.S_ISDIR(info.st_mode):
+            raise HomeError(f"{path} is a directory: the RPC token file cannot be made there")
+        why = "readable by other users" if info.st_mode & 0o077 else "unusable"
+        log.warning("rpc.token replaced by a new token", **fields(path=str(path), why=why))
+        path.unlink()
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, (token + "\n").encode())
     finally:
         os.close(fd)
-    os.chmod(path, 0o600)
     return token
 
 
@@ -298,12 +406,19 @@ async def serve(
     *,
     task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve every listener (each with its token, or None) until cancelled."""
-    limit = trio.CapacityLimiter(MAX_CLIENTS)
+    """Serve every listener (each with its token, or None) until cancelled.
+
+    Each listener has its own :data:`MAX_CLIENTS` slots.
+    """
     async with trio.open_nursery() as nursery:
         for listener, token in listeners:
+            limit = trio.CapacityLimiter(MAX_CLIENTS)
 
-            async def handler(stream: trio.SocketStream, token: str | None = token) -> None:
+            async def handler(
+                stream: trio.SocketStream,
+                token: str | None = token,
+                limit: trio.CapacityLimiter = limit,
+            ) -> None:
                 try:
                     await serve_http(stream, dispatch, token, limit)
                 except Exception:  # one client's trouble never stops the server
