@@ -38,6 +38,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import describe
 
+from archipel.cli._common import READY
 from archipel.client import Client, NodeUnreachable
 from archipel.daemon.join import found_on_disk
 from archipel.daemon.paths import Home
@@ -74,7 +75,7 @@ def start(daemon: Daemon, bootstrap: list[str]) -> None:
     )
     assert process.stderr is not None
     seen = b""
-    while b"listening on" not in seen:
+    while not READY.search(seen):
         ready, _, _ = select.select([process.stderr], [], [], 30)
         if not ready or process.poll() is not None:
             raise SystemExit(f"node {daemon.index} did not start: {seen.decode(errors='replace')}")

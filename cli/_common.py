@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -17,6 +18,16 @@ log = logging.getLogger("archipel")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+READY = re.compile(rb"Archipel node \S+ listening on:")
+"""What ``archipel run`` prints (to stderr) once the node is ready and its RPC
+serves: what scripts starting a daemon wait for. libp2p's own debug logs say
+"listening on" earlier, so match the whole line."""
+
+
+def ready_line(peer_id: str) -> str:
+    return f"Archipel node {peer_id} listening on:"
+
 
 home_option = click.option(
     "--home",

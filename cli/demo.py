@@ -31,6 +31,8 @@ import click
 from archipel.client import Client
 from archipel.crdt import ArchipelError
 
+from ._common import READY
+
 READY_S = 30.0
 CONVERGE_S = 60.0
 WINDOW_MS = 60_000  # the shortest voting window a proposal may have
@@ -77,7 +79,7 @@ def _start(daemon: Daemon) -> None:
     assert process.stderr is not None
     deadline = time.monotonic() + READY_S
     seen = b""
-    while b"listening on" not in seen:
+    while not READY.search(seen):
         left = deadline - time.monotonic()
         if left <= 0 or process.poll() is not None:
             said = seen.decode(errors="replace")

@@ -22,7 +22,7 @@ from archipel.daemon.node import Node, wall_ms
 from archipel.daemon.paths import HomeError, NodeLock
 from archipel.daemon.storage import Store
 
-from ._common import friendly_errors, home_option, resolve_home
+from ._common import friendly_errors, home_option, ready_line, resolve_home
 from .cluster.command import cluster
 from .commands import register
 from .demo import demo
@@ -183,7 +183,7 @@ def run(
                 console = Console(stderr=True)
                 with console.status("Loading the federation's ops…", spinner="dots"):
                     await nursery.start(run_node)
-                click.echo(f"Archipel node {node.peer_id} listening on:", err=True)
+                click.echo(ready_line(node.peer_id), err=True)
                 for addr in node.listen_addrs:
                     click.echo(f"  {addr}", err=True)
                 async for signum in signals:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from archipel.cli._common import READY
+
 ARCHIPEL = [sys.executable, "-m", "archipel.cli.main"]
 CAP_S = 60
 
@@ -34,7 +36,7 @@ def start(home: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     assert process.stderr is not None
     said = b""
     deadline = time.monotonic() + CAP_S
-    while b"listening on" not in said:
+    while not READY.search(said):
         left = deadline - time.monotonic()
         assert left > 0, said
         assert process.poll() is None, said

@@ -126,6 +126,7 @@ async def test_bad_params_change_nothing(tmp_path: Path) -> None:
                     ("no.such.method", {}, "method_not_found"),
                     ("node.offline", {"offline": "yes"}, "invalid_params"),
                     ("invite.create", {"card": "archipel-card1-garbage"}, "invalid_params"),
+                    ("cells.list", {"now_ms": "x"}, "invalid_params"),
                 ]
                 for method, params, reason in cases:
                     with pytest.raises(RpcError) as caught:

@@ -326,7 +326,6 @@ PARAMS: list[tuple[str, str, str]] = [
     ("events.poll", "limit", "int"),
     ("events.poll", "timeout_s", "number"),
     ("proposals.list", "now_ms", "int"),
-    # not ("cells.list", "now_ms"): it is declared but never read (methods.py), so any value passes
     ("alerts.active", "now_ms", "int"),
     ("pulse.metrics", "step_ms", "int"),
     ("pulse.metrics", "end_ms", "int"),

@@ -49,6 +49,7 @@ import pytest
 from click.testing import CliRunner
 from nacl.signing import SigningKey
 
+from archipel.cli._common import READY
 from archipel.cli.main import main as cli
 from archipel.daemon import identity as identity_mod
 from archipel.daemon import logs, rpc
@@ -441,7 +442,7 @@ class Daemon:
         assert self.process.stdout is not None
         self.said = bytearray()
         deadline = time.monotonic() + CAP_S
-        while not re.search(rb"Archipel node \S+ listening on:", self.said):
+        while not READY.search(self.said):
             left = deadline - time.monotonic()
             assert left > 0, bytes(self.said)
             assert self.process.poll() is None, bytes(self.said)

@@ -25,10 +25,11 @@ from archipel.crdt import ArchipelError
 from archipel.daemon.identity import Identity
 from archipel.daemon.paths import Home
 
+from .._common import READY
+
 READY_S = 60.0
 STOP_S = 30.0
 CALL_TIMEOUT_S = 10.0
-READY_LINE = b"listening on"
 
 
 class ClusterError(ArchipelError):
@@ -86,7 +87,7 @@ class Daemon:
         seen = b""
         try:
             with trio.fail_after(READY_S):
-                while READY_LINE not in seen:
+                while not READY.search(seen):
                     chunk = await process.stderr.receive_some(65536)
                     if not chunk:
                         break
@@ -94,7 +95,7 @@ class Daemon:
                     log.write(chunk)
         except trio.TooSlowError:
             pass
-        if READY_LINE not in seen:
+        if not READY.search(seen):
             with contextlib.suppress(OSError):
                 process.kill()
             await process.wait()
