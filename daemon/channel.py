@@ -5,12 +5,18 @@ are framed in records of our own (five-byte header, big-endian)::
 
     DATA  0x00 | u32 n | n bytes      (1 <= n <= MAX_RECORD_DATA)
     ACK   0x01 | u32 n                (n >= 1: "you may send n more bytes")
+    PING  0x02 | u32 0                (keepalive; ignored by the receiver)
 
 Each side opens with ``ACK(window_bytes)``; after that, the receiver acks the
 bytes its application has consumed (in batches of a quarter window). A sender
 never has more bytes in flight than it was granted; a peer that sends more is
 cut off. So every buffer is bounded by the window, and Yamux never sees a
 writer blocked long enough to reset the stream (see docs/transport.md).
+
+A side that has written nothing for ``keepalive_s`` sends a PING; a channel
+on which nothing at all arrived for ``dead_after_s`` is a dead route (a peer
+frozen or gone without a FIN, a black-holed path: TCP alone would notice
+only after many minutes, if ever) and is reset.
 :mod:`archipel.daemon.transport` opens the streams and hands out channels.
 """
 
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("archipel.transport")
 
 MAX_RECORD_DATA = 64 * 1024  # largest DATA record a receiver accepts (protocol constant)
-_DATA, _ACK = 0x00, 0x01
+_DATA, _ACK, _PING = 0x00, 0x01, 0x02
 _HEADER = struct.Struct(">BI")
 _READ_BYTES = 64 * 1024
 _WRITE_TIMEOUT_S = 10.0  # one record write; longer means the peer stopped reading
@@ -98,6 +104,8 @@ class _Decoder:
                 if value == 0:
                     raise _Violation("ACK of zero bytes")
                 records.append((kind, value, b""))
+                pos += _HEADER.size
+            elif kind == _PING:
                 pos += _HEADER.size
             elif kind == _DATA:
                 if not 1 <= value <= MAX_RECORD_DATA:
@@ -160,6 +168,7 @@ class Channel:
         self._torn_down = False
         self._reader_done = trio.Event()
         self._done = trio.Event()  # the stream is closed and released
+        self._last_heard = self._last_written = trio.current_time()
 
     @property
     def closed(self) -> bool:
@@ -222,6 +231,7 @@ class Channel:
             with self._tasks:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._acker)
+                    nursery.start_soon(self._keepalive)
                     await self._reader()
                     nursery.cancel_scope.cancel()
         finally:
@@ -241,6 +251,7 @@ class Channel:
                     self._eof = True
                     self._stop("the peer closed the channel")
                     return
+                self._last_heard = trio.current_time()
                 for kind, value, payload in self._decoder.feed(data):
                     self._on_record(kind, value, payload)
         except _Violation as violation:
@@ -286,6 +297,34 @@ class Channel:
         except ChannelClosed:
             pass
 
+    async def _keepalive(self) -> None:
+        """PING when we have been silent; reset the channel when the peer has."""
+        config = self._config
+        while self._reason is None:
+            now = trio.current_time()
+            silent = now - self._last_heard
+            if silent >= config.dead_after_s:
+                log.info(
+                    "no word from the peer: dead route, channel reset",
+                    **fields(peer=self.label, silent_s=round(silent, 1)),
+                )
+                self._stop(f"nothing heard for {silent:.0f} s: a dead route")
+                with trio.CancelScope(shield=True):
+                    await self._teardown(graceful=False)
+                return
+            if now - self._last_written >= config.keepalive_s:
+                try:
+                    await self._write(_HEADER.pack(_PING, 0))
+                except ChannelClosed:
+                    return
+                continue
+            await trio.sleep_until(
+                min(
+                    self._last_written + config.keepalive_s,
+                    self._last_heard + config.dead_after_s,
+                )
+            )
+
     async def _write(self, record: bytes) -> None:
         """Write one record; on failure, timeout or cancellation the channel is done."""
         async with self._write_lock:
@@ -296,6 +335,7 @@ class Channel:
                 with trio.fail_after(_WRITE_TIMEOUT_S):
                     await self._stream.write(record)
                 done = True
+                self._last_written = trio.current_time()
             except trio.TooSlowError:
                 self._stop("the peer stopped reading")
             except Exception as exc:

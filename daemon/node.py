@@ -45,6 +45,7 @@ from archipel.protocol.node import Dial, Hangup, SyncNode, Transmit
 from . import rpc
 from .channel import Channel, ChannelClosed
 from .config import Config, ConfigError
+from .guard import SEND_QUEUE_BYTES, EquivocationWatch, PeerGuard, report, report_equivocation
 from .identity import Identity
 from .logs import fields
 from .mdns import LanDiscovery, federation_tag
@@ -96,6 +97,7 @@ class _Link:
     send: trio.MemorySendChannel[object]
     receive: trio.MemoryReceiveChannel[object]
     hung_up: bool = False
+    queued: int = 0  # bytes in the send queue
 
 
 @dataclass(slots=True)
@@ -149,6 +151,8 @@ class Node:
             ),
         )
         self._links: dict[bytes, _Link] = {}
+        self.guard = PeerGuard()
+        self._equivocations = EquivocationWatch()
         self._dialling: set[bytes] = set()
         self._bootstrap_keys = {_key_of(a) for a in identity.bootstrap} - {None}
         self._pinned: dict[bytes, tuple[str, ...]] = {}
@@ -192,7 +196,7 @@ class Node:
     def is_allowed(self, key: bytes) -> bool:
         """May this device key connect? A device of a cell that is admitted
         (or being admitted) and not expelled, whose key is not revoked."""
-        if key == self.device or self.offline:
+        if key == self.device or self.offline or self.guard.banned(key, self.now_ms()):
             return False
         replica = self.replica
         if replica is None or replica.authority.federation is None:
@@ -486,8 +490,9 @@ class Node:
                             del self.stats.errors[:-20]
                             break
                         await self._after()
-                except ChannelClosed:
-                    pass
+                except ChannelClosed as closed:
+                    if str(closed).startswith("protocol violation"):
+                        self._strike(channel.peer, str(closed))
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -506,6 +511,7 @@ class Node:
                     break
                 assert isinstance(item, bytes)
                 await link.channel.send(item)
+                link.queued -= len(item)
         except ChannelClosed:
             pass
         await link.channel.aclose()
@@ -537,7 +543,10 @@ class Node:
                 if link is None or link.hung_up:
                     continue
                 try:
+                    if link.queued + len(action.data) > SEND_QUEUE_BYTES:
+                        raise trio.WouldBlock
                     link.send.send_nowait(action.data)
+                    link.queued += len(action.data)
                 except trio.WouldBlock:
                     self.stats.slow_peers_cut += 1
                     log.warning("peer too slow: cut off", **fields(peer=peer_id_of(action.peer)))
@@ -546,6 +555,8 @@ class Node:
                 except trio.ClosedResourceError:
                     continue
             elif isinstance(action, Hangup):
+                if action.offence:
+                    self._strike(action.peer, action.reason)
                 link = self._links.get(action.peer)
                 if link is not None:
                     log.debug("hang up", **fields(peer=peer_id_of(action.peer), why=action.reason))
@@ -558,6 +569,11 @@ class Node:
                     continue
                 self._dialling.add(peer)
                 self._nursery.start_soon(self._dial, action.peer)
+
+    def _strike(self, peer: bytes, why: str) -> None:
+        """The peer misbehaved: count it against the peer (a ban after repeats)."""
+        now = self.now_ms()
+        report(self.guard.strike(peer, why, now), peer_id_of(peer), now)
 
     def _hang_up(self, peer: bytes, link: _Link) -> None:
         link.hung_up = True
@@ -574,6 +590,8 @@ class Node:
         if sync is None or store is None or not sync.applied:
             return
         batch, sync.applied = sync.applied, []
+        if self.replica is not None:
+            report_equivocation(self._equivocations.new(self.replica.graph))
         for op in batch:
             self._notify(op)
         before = self.stats.ops_stored

@@ -16,13 +16,16 @@ cut off. So every buffer is bounded by the window, and Yamux never sees a
 writer blocked long enough to reset the stream (see docs/transport.md).
 
 The defects of py-libp2p 0.8.1 this module works around (each has a test in
-tests/test_transport.py and an entry in docs/transport.md): plaintext/secio/TLS
-offered by default; a raising stream handler kills the host; one leaked task
-and inbound slot per accepted connection; a fixed 250 ms wait in connect();
-dials that hang on a wrong PSK; Yamux's 5 s writer reset and unbounded receive
-buffer; logs that do not propagate; an auto-connector that redials every peer
-it ever saw. Private internals are touched in three places, each marked
-``libp2p 0.8.1 internal``.
+tests/test_transport.py or tests/test_security.py, and an entry in
+docs/transport.md): plaintext/secio/TLS offered by default; a raising stream
+handler kills the host; one leaked task and inbound slot per accepted
+connection; a fixed 250 ms wait in connect(); dials that hang on a wrong PSK;
+Yamux's 5 s writer reset and unbounded receive buffer; logs that do not
+propagate; an auto-connector that redials every peer it ever saw; socket reads
+as large as a peer's length prefix claims, before any authentication; a task
+per stream a peer opens, without a per-connection bound; dials retried after a
+deterministic refusal (docs/transport.md, "Abusive peers"). Private internals
+are touched in three places, each marked ``libp2p 0.8.1 internal``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import multiaddr  # type: ignore[import-untyped]
 import nacl.signing
@@ -56,7 +59,8 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.abc import ReadWriteCloser
-from libp2p.network.config import ConnectionConfig
+from libp2p.io.exceptions import IOException
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -79,6 +83,7 @@ from .channel import (
     TransportError,
     _describe,
 )
+from .guard import LogLimiter
 from .logs import fields
 
 if TYPE_CHECKING:
@@ -106,6 +111,13 @@ PROTOCOL_ID = TProtocol("/archipel/sync/1")
 MAX_WINDOW = 16 * 1024 * 1024  # largest window_bytes a config may ask for
 PNET_PERSONALISATION = b"archipel/pnet/v1"  # 16 bytes, BLAKE2b's personalisation size
 _MAX_DIAL_ADDRS = 8
+_MAX_READ = 64 * 1024  # bytes asked of an accepted socket per read (see _CappedStream)
+MAX_INBOUND_STREAMS = 8
+"""Streams a peer may have open (or negotiating) towards us on one connection:
+ours is one channel, plus libp2p's identify, identify-push and ping."""
+HANDSHAKE_BYTES = 64 * 1024
+"""What an inbound connection may send before its handshake is done (pnet
+nonce, multistream, Noise, muxer selection: about 1 KiB when honest)."""
 _DIAL_HOSTS = ("ip4", "ip6", "dns", "dns4", "dns6")
 # An Ed25519 peer id is an identity multihash (0x00, length 36) of the protobuf
 # PublicKey{Type: Ed25519 (1), Data: 32 bytes}.
@@ -127,6 +139,8 @@ class TransportConfig:
     chunk_bytes: int = 16 * 1024  # largest DATA record we send
     window_bytes: int = 256 * 1024  # bytes we let a peer have unacknowledged towards us
     handshake_timeout_s: float = 10.0
+    keepalive_s: float = 5.0  # a channel silent this long on our side sends a PING
+    dead_after_s: float = 30.0  # nothing at all from the peer this long: a dead route, closed
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -137,6 +151,10 @@ class TransportConfig:
             raise TransportError("TransportConfig.max_connections must be in 1..100000")
         if not 1 <= self.chunk_bytes <= MAX_RECORD_DATA:
             raise TransportError(f"TransportConfig.chunk_bytes must be in 1..{MAX_RECORD_DATA}")
+        if not 0 < self.keepalive_s < self.dead_after_s <= 3600:
+            raise TransportError(
+                "TransportConfig: need 0 < keepalive_s < dead_after_s <= 3600 seconds"
+            )
         if not 1024 <= self.window_bytes <= MAX_WINDOW:
             raise TransportError(f"TransportConfig.window_bytes must be in 1024..{MAX_WINDOW}")
 
@@ -271,7 +289,9 @@ class Transport:
         self._on_channel: Callable[[Channel], Awaitable[None]] | None = None
         self._conns: dict[IMuxedConn, _Conn] = {}
         self._closing: set[IMuxedConn] = set()
+        self._inbound_streams: dict[IMuxedConn, int] = {}  # open or negotiating, per connection
         self._handshakes = 0
+        self._quiet = LogLimiter()  # warnings about unauthenticated peers, per remote host
         self._running = False
         self._listen_addrs: tuple[str, ...] = ()
 
@@ -318,9 +338,14 @@ class Transport:
         swarm = host.get_network()
         if not isinstance(swarm, Swarm):
             raise TransportError(f"unexpected libp2p network {type(swarm).__name__}")
+        # A failed dial is not retried inside libp2p (3 retries with backoff by
+        # default): a refusal by the allowlist or a wrong private-network key
+        # is not transient, each retry is a full handshake for both ends, and
+        # the daemon's peer selection redials anyway.
+        swarm.retry_config = RetryConfig(max_retries=0)
         # Every stream, whatever its protocol (ours, identify, ping), goes through
         # this handler: a raising one would take the whole host down.
-        swarm.set_stream_handler(_guarded(swarm.common_stream_handler))
+        swarm.set_stream_handler(self._limited(_guarded(swarm.common_stream_handler)))
         # libp2p 0.8.1 internal: Swarm._handle_inbound_connection keeps a task and
         # an inbound-limiter slot per accepted connection until the swarm stops.
         # Ours holds them for the connection's lifetime only (listen() looks the
@@ -350,6 +375,7 @@ class Transport:
             self._host = self._swarm = self._nursery = self._on_channel = None
             self._conns.clear()
             self._closing.clear()
+            self._inbound_streams.clear()
             self._running = False
 
     async def dial(self, addrs: Sequence[str], peer: bytes) -> Channel:
@@ -472,16 +498,18 @@ class Transport:
             await _close_quietly(read_write_closer)
             return
         self._handshakes += 1
-        raw = RawConnection(read_write_closer, False)
+        capped = _CappedStream(read_write_closer, HANDSHAKE_BYTES)
+        raw = RawConnection(capped, False)
         try:
             with trio.fail_after(self._config.handshake_timeout_s):
                 muxed = await swarm.upgrade_inbound_raw_conn(raw, maddr)
         except Exception as exc:  # wrong PSK, not allowed, not Noise, timeout...
-            log.debug("inbound handshake failed: %s", _describe(exc))
+            self._refused(read_write_closer, exc)
             await _close_quietly(raw)
             return
         finally:
             self._handshakes -= 1
+        capped.budget = None  # authenticated: Yamux and our channels bound the rest
         if not isinstance(muxed, Yamux):
             await _close_quietly(muxed)
             return
@@ -498,6 +526,71 @@ class Transport:
         finally:
             if entry.channels == 0:
                 self._conns.pop(muxed, None)
+
+    def _limited(
+        self, handler: Callable[[INetStream], Awaitable[None]]
+    ) -> Callable[[INetStream], Awaitable[None]]:
+        """At most MAX_INBOUND_STREAMS streams at once per connection, negotiating
+        included; a peer that opens more is cut off (its connection closed).
+
+        libp2p 0.8.1 spawns a task for every stream a peer opens (a 12-byte Yamux
+        frame) and holds it up to the negotiation timeout: 20,000 frames from one
+        admitted device left 5,000 tasks alive and 50 MB more RSS. One channel per
+        connection, plus identify, identify-push and ping, never needs that many.
+        """
+
+        async def limited(stream: INetStream) -> None:
+            muxed = stream.muxed_conn
+            count = self._inbound_streams.get(muxed, 0)
+            if count >= MAX_INBOUND_STREAMS:
+                if muxed not in self._closing:
+                    log.warning(
+                        "peer opened too many streams: cut off",
+                        **fields(peer=str(muxed.peer_id), streams=count + 1),
+                    )
+                with trio.move_on_after(_CLOSE_TIMEOUT_S):
+                    with contextlib.suppress(Exception):
+                        await stream.reset()
+                self._close_connection(muxed)
+                return
+            self._inbound_streams[muxed] = count + 1
+            try:
+                await handler(stream)
+            finally:
+                left = self._inbound_streams.pop(muxed, 1) - 1
+                if left > 0:
+                    self._inbound_streams[muxed] = left
+
+        return limited
+
+    def _refused(self, conn: ReadWriteCloser, exc: Exception) -> None:
+        """Say why an inbound connection failed its handshake (junk, a wrong
+        private-network key, a key outside the allowlist, a timeout): a warning
+        with the remote address, at most a few per remote host and then one every
+        ten seconds (anyone who reaches the port can cause these)."""
+        remote = _remote_of(conn)
+        why = _describe(exc)
+        root: BaseException = exc
+        for _ in range(16):  # libp2p wraps the cause in several layers: name the first one too
+            inner = root.__cause__ or root.__context__
+            if inner is None:
+                break
+            root = inner
+        if root is not exc and type(root).__name__ not in why:
+            why += f" <- ... <- {_describe(root)}"
+        if type(root).__name__ == "InvalidTag":  # cryptography's AEAD failure, inside Noise
+            why = f"a Noise handshake message failed to decrypt ({why})"
+        host = remote.rsplit(":", 1)[0]
+        suppressed = self._quiet.allow(host, int(trio.current_time() * 1000))
+        if suppressed < 0:
+            log.debug("inbound handshake failed", **fields(remote=remote, why=why))
+        elif suppressed:
+            log.warning(
+                "inbound handshake failed: closed",
+                **fields(remote=remote, why=why, similar_not_logged=suppressed),
+            )
+        else:
+            log.warning("inbound handshake failed: closed", **fields(remote=remote, why=why))
 
     async def _on_stream(self, stream: INetStream) -> None:
         """libp2p's handler for /archipel/sync/1: admit, then serve in our nursery."""
@@ -576,6 +669,42 @@ class Transport:
             self._nursery.start_soon(close)
 
 
+class _CappedStream(ReadWriteCloser):
+    """An accepted TCP stream as libp2p reads it: at most ``_MAX_READ`` bytes per
+    read, and at most ``budget`` bytes until the handshake is done.
+
+    libp2p 0.8.1 reads a multistream message by asking the socket for as many
+    bytes as the peer's varint length prefix claims, and Python's ``recv(n)``
+    allocates ``n`` bytes first: a claim of 1 GiB allocated 1 GiB per read, and
+    the node buffered ~13 MB per connection before giving up (a pnet stream is
+    not authenticated, so junk decrypts to such a length one time in sixteen).
+    """
+
+    def __init__(self, inner: ReadWriteCloser, budget: int) -> None:
+        self._inner = inner
+        self.budget: int | None = budget
+
+    async def read(self, n: int | None = None) -> bytes:
+        n = _MAX_READ if n is None else min(n, _MAX_READ)
+        if self.budget is not None:
+            if self.budget <= 0:
+                raise IOException(f"handshake longer than {HANDSHAKE_BYTES} bytes")
+            n = min(n, self.budget)
+        data = await self._inner.read(n)
+        if self.budget is not None:
+            self.budget -= len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(data)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return self._inner.get_remote_address()
+
+
 def _guarded(
     handler: Callable[[INetStream], Awaitable[None]],
 ) -> Callable[[INetStream], Awaitable[None]]:
@@ -621,6 +750,15 @@ async def _close_quietly(
             await closable.close()
         except Exception:
             log.debug("closing %s failed", type(closable).__name__, exc_info=True)
+
+
+def _remote_of(conn: ReadWriteCloser) -> str:
+    """``host:port`` of an accepted connection, best effort."""
+    try:
+        remote: Any = getattr(conn, "get_remote_address", lambda: None)()
+        return f"{remote[0]}:{remote[1]}"
+    except Exception:  # not known
+        return "unknown"
 
 
 def _check_port_free(addr: multiaddr.Multiaddr) -> None:

@@ -76,6 +76,7 @@ from .session import (
 )
 
 PeerId = bytes
+_ERRORS_KEPT = 64  # SyncCounters.errors keeps the latest reasons only (a peer can cause many)
 _PUSH = (Push, IHave, Graft, Prune)
 _MEMBERSHIP = (Join, ForwardJoin, Neighbor, NeighborReply, Disconnect, Shuffle, ShuffleReply)
 
@@ -98,10 +99,15 @@ class Transmit:
 
 @dataclass(frozen=True, slots=True)
 class Hangup:
-    """Close the connection with ``peer`` once ``Transmit`` before it is written."""
+    """Close the connection with ``peer`` once ``Transmit`` before it is written.
+
+    ``offence``: the peer misbehaved (it broke the protocol, or sent more
+    invalid ops than its budget forgives), as opposed to a routine close; the
+    driver may log it as a warning and remember it against the peer."""
 
     peer: PeerId
     reason: str
+    offence: bool = False
 
 
 Action = Dial | Transmit | Hangup
@@ -117,6 +123,12 @@ class SyncConfig:
     """How often a node short of neighbours offers peers it knew back to peer
     selection (after a partition heals, that is how the halves find each
     other again; the daemon adds bootstrap and mDNS addresses too)."""
+    rediscover_first_ms: int = 1_000
+    """After a neighbour is lost, the first such offer comes this soon, then
+    twice as late each time while still short, up to the interval; a node
+    with no neighbour at all keeps offering at about this pace. A healed
+    partition or a restarted neighbour is found again within seconds (0: only
+    the interval's rounds)."""
     remembered_peers: int = 256
     probe_interval_ms: int = 30_000
     """How often (on average, jittered) a node opens a short connection to a
@@ -164,7 +176,7 @@ class SyncCounters:
     reconciliations: int = 0
     sessions_closed: int = 0
     duplicate_connections: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the latest _ERRORS_KEPT reasons
 
 
 class SyncNode:
@@ -197,6 +209,7 @@ class SyncNode:
         self._fresh: list[tuple[int, bytes]] = []
         self._remembered: OrderedDict[PeerId, PeerInfo] = OrderedDict()
         self._rediscover_at = now_ms + self.config.rediscover_interval_ms
+        self._rediscover_backoff_ms = 0
         self._probe_at = self._next_probe(now_ms)
         self._probes: dict[PeerId, int] = {}  # probe dials not yet connected: since when
 
@@ -222,11 +235,24 @@ class SyncNode:
             self._remembered.popitem(last=False)
 
     def _rediscover(self, now_ms: int) -> None:
-        """Short of neighbours: offer a few remembered peers to peer selection."""
-        jitter = int(self._rng.random() * self.config.rediscover_interval_ms)
-        self._rediscover_at = now_ms + self.config.rediscover_interval_ms // 2 + jitter
+        """Short of neighbours: offer a few remembered peers to peer selection
+        (soon after a neighbour is lost: :attr:`SyncConfig.rediscover_first_ms`)."""
+        interval = self.config.rediscover_interval_ms
         if len(self.peers.active) >= self.peers.limits.active_size:
+            self._rediscover_backoff_ms = 0
+            jitter = int(self._rng.random() * interval)
+            self._rediscover_at = now_ms + interval // 2 + jitter
             return
+        first = self.config.rediscover_first_ms
+        if first > 0 and not self.peers.active:  # alone: keep looking, every second or so
+            self._rediscover_at = now_ms + first // 2 + int(self._rng.random() * first)
+        elif self._rediscover_backoff_ms:
+            backoff = self._rediscover_backoff_ms
+            self._rediscover_backoff_ms = min(2 * backoff, interval)
+            self._rediscover_at = now_ms + backoff // 2 + int(self._rng.random() * backoff)
+        else:
+            jitter = int(self._rng.random() * interval)
+            self._rediscover_at = now_ms + interval // 2 + jitter
         known = self.peers.active.keys() | self.peers.passive.keys()
         candidates = [info for pid, info in self._remembered.items() if pid not in known]
         if candidates:
@@ -283,7 +309,7 @@ class SyncNode:
         try:
             events = link.session.receive_data(data, now_ms)
         except ProtocolError as exc:
-            self._fail(peer, exc.reason, now_ms)
+            self._fail(peer, exc, now_ms)
             return
         for event in events:
             if peer not in self._links:
@@ -295,7 +321,7 @@ class SyncNode:
                 # mishandled its message): either way only this session closes.
                 if not link.session.closed:
                     link.session.close(f"protocol error: {exc.reason}", now_ms)
-                self._fail(peer, exc.reason, now_ms)
+                self._fail(peer, exc, now_ms)
                 break
         self._flush(peer)
 
@@ -318,7 +344,7 @@ class SyncNode:
                 for event in link.session.handle_timer(now_ms):
                     self._on_event(peer, link, event, now_ms)
             except ProtocolError as exc:
-                self._fail(peer, exc.reason, now_ms)
+                self._fail(peer, exc, now_ms)
                 continue
             if link.reconcile_at is not None and now_ms >= link.reconcile_at:
                 if link.client is not None and not link.client.done:
@@ -453,9 +479,7 @@ class SyncNode:
             try:
                 result = self.replica.receive_bytes(data, now_ms)
             except InvalidOp as exc:
-                self.counters.ops_invalid += 1
-                for event in link.session.report_invalid(exc.reason, now_ms):
-                    self._on_event(peer, link, event, now_ms)
+                self._invalid(peer, link, exc.reason, now_ms)
                 if peer not in self._links:
                     return  # over its misbehaviour budget: closed
                 continue
@@ -474,6 +498,16 @@ class SyncNode:
                 self._fetch_deps(link, now_ms)
             elif link.deps_at is None:
                 link.deps_at = now_ms + self.config.dep_fetch_delay_ms
+
+    def _invalid(self, peer: PeerId, link: _Link, reason: str, now_ms: int) -> None:
+        """An op from ``peer`` failed validation: charge its misbehaviour budget;
+        over it, the session has closed and the peer is hung up on (an offence)."""
+        self.counters.ops_invalid += 1
+        for event in link.session.report_invalid(reason, now_ms):
+            if isinstance(event, Closed):
+                self._hangup(peer, event.reason, now_ms, offence=True)
+            else:
+                self._on_event(peer, link, event, now_ms)
 
     def _fetch_deps(self, link: _Link, now_ms: int) -> None:
         """Ask the peer for the deps ops still wait for (it holds them: a node
@@ -583,11 +617,15 @@ class SyncNode:
         while data := link.session.data_to_send():
             self._out.append(Transmit(peer, data))
 
-    def _fail(self, peer: PeerId, reason: str, now_ms: int) -> None:
-        self.counters.errors.append(reason)
-        self._hangup(peer, reason, now_ms)
+    def _fail(self, peer: PeerId, exc: ProtocolError, now_ms: int) -> None:
+        """Close the session after a protocol error: the peer's offence if it
+        sent what broke the protocol, not if we mishandled it (a local error)."""
+        self.counters.errors.append(exc.reason)
+        del self.counters.errors[:-_ERRORS_KEPT]
+        offence = isinstance(exc, RemoteProtocolError)
+        self._hangup(peer, exc.reason, now_ms, offence=offence)
 
-    def _hangup(self, peer: PeerId, reason: str, now_ms: int) -> None:
+    def _hangup(self, peer: PeerId, reason: str, now_ms: int, *, offence: bool = False) -> None:
         link = self._links.pop(peer, None)
         if link is not None:
             if not link.session.closed:
@@ -596,9 +634,13 @@ class SyncNode:
                 self._out.append(Transmit(peer, data))
             self.counters.sessions_closed += 1
             self._down(peer, now_ms)
-        self._out.append(Hangup(peer, reason))
+        self._out.append(Hangup(peer, reason, offence))
 
     def _down(self, peer: PeerId, now_ms: int) -> None:
+        first = self.config.rediscover_first_ms
+        if first > 0 and peer in self.peers.active:  # a neighbour lost: look for others soon
+            self._rediscover_backoff_ms = first
+            self._rediscover_at = min(self._rediscover_at, now_ms + first)
         if peer in self.push.peers:
             self.push.peer_down(peer)
         self._peer_actions(self.peers.disconnected(peer, now_ms), now_ms)

@@ -293,8 +293,11 @@ class PeerSelection:
         return self._dial(contact, Purpose.JOIN, now_ms)
 
     def add_known(self, peers: Iterable[PeerInfo]) -> None:
-        """Add addresses learnt elsewhere (configuration, mDNS) to the passive view."""
+        """Add addresses learnt elsewhere (configuration, mDNS, remembered
+        peers offered again) to the passive view; they may be asked at once,
+        even if they failed earlier in this shuffle period."""
         for info in peers:
+            self._tried.discard(info.id)
             self._add_passive(info)
 
     def connected(self, peer: PeerId, now_ms: int) -> list[PeerAction]:
