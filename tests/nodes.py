@@ -66,6 +66,13 @@ async def running(
     """Run node ``index`` until the block ends (then stop it cleanly)."""
     node = Node(fed.homes[index], config(bootstrap, **network), ident or fed.identities[index])
     node.on_op(lambda op: fed.changed.set())
+    async with serving(node):
+        yield node
+
+
+@asynccontextmanager
+async def serving(node: Node) -> AsyncIterator[Node]:
+    """Run ``node`` until the block ends (then stop it cleanly)."""
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         try:

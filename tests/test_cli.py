@@ -26,7 +26,7 @@ import click
 import pytest
 import trio
 from click.testing import CliRunner, Result
-from nodes import CAP_S, Fed, config, converged, federation_on_disk, until
+from nodes import CAP_S, Fed, config, converged, federation_on_disk, serving, until
 
 from archipel.cli.commands import (
     BadInput,
@@ -79,12 +79,8 @@ async def node_of(
         fed.homes[index], config(bootstrap), fed.identities[index], clock_ms=clock or Clock()
     )
     node.on_op(lambda op: fed.changed.set())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        try:
-            yield node
-        finally:
-            node.stop()
+    async with serving(node):
+        yield node
 
 
 def invoke(home: Path, *args: str) -> Result:

@@ -21,14 +21,14 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from helpers import T0, cells_federation, key, member
 from nodes import CAP_S, converged, federation_on_disk, running, until
+from test_storage import open_store, writer
 
 from archipel.client import AsyncClient, RpcError
 from archipel.crdt import Op, Replica
@@ -37,7 +37,6 @@ from archipel.daemon.paths import Home
 from archipel.daemon.rpc import UNAVAILABLE
 from archipel.daemon.storage import DiskFull, StorageError, Store
 
-KEY = b"snapshot key for the tests, 32 B"
 LATER = T0 + 10**9
 DISK_BYTES = 4 * 1024 * 1024
 
@@ -92,20 +91,6 @@ def fill(disk: Path) -> Path:
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def open_store(where: Path) -> Store:
-    return Store.open(where / "node.db", snapshot_key=KEY)
-
-
-@asynccontextmanager
-async def writer(store: Store) -> AsyncIterator[None]:
-    """The store's writer task runs inside the block, and is stopped after it."""
-    with trio.fail_after(CAP_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            yield
-            nursery.cancel_scope.cancel()
 
 
 def notes(replica: Replica, count: int, start_ms: int = T0, size: int = 10) -> list[Op]:

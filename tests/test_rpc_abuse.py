@@ -30,7 +30,7 @@ import pytest
 import trio
 import trio.testing
 from nacl.signing import SigningKey
-from nodes import CAP_S, config, federation_on_disk
+from nodes import CAP_S, config, federation_on_disk, serving
 
 from archipel.client import AsyncClient
 from archipel.daemon import rpc
@@ -56,12 +56,8 @@ async def running_node(tmp_path: Path, *, tcp: bool = False) -> AsyncIterator[No
     fed = federation_on_disk(tmp_path, 2)
     rpc_config = RpcConfig(tcp_port=_free_port() if tcp else 0)
     node = Node(fed.homes[0], dataclasses.replace(config(), rpc=rpc_config), fed.identities[0])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        try:
-            yield node
-        finally:
-            node.stop()
+    async with serving(node):
+        yield node
 
 
 class Reply(NamedTuple):

@@ -57,7 +57,7 @@ from libp2p.security.noise.transport import Transport as Noise
 from libp2p.security.pnet.psk_conn import PskConn
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.transport.tcp.tcp import TCP
-from nodes import CAP_S, config, seed_store
+from nodes import CAP_S, config, seed_store, serving
 
 from archipel.crdt import (
     ArchipelError,
@@ -236,12 +236,8 @@ async def running(
 ) -> AsyncIterator[Node]:
     node = Node(Home(world.root / ident.cell), config(bootstrap), ident)
     node.on_op(lambda op: world.changed.set())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        try:
-            yield node
-        finally:
-            node.stop()
+    async with serving(node):
+        yield node
 
 
 @asynccontextmanager
