@@ -69,6 +69,8 @@ log = logging.getLogger("archipel.node")
 
 SEND_QUEUE = 1024
 """Messages waiting for one peer; beyond this the peer is too slow and is cut off."""
+WRITE_BATCH_BYTES = 64 * 1024
+"""Messages queued for one peer go out in one channel write, up to about this many bytes."""
 SHUTDOWN_GRACE_S = 30.0
 ARRIVALS_KEPT = 100_000
 SYNC_PROGRESS_EVERY = 1_000
@@ -162,6 +164,7 @@ class Node:
             except Exception:
                 raise ConfigError(f"network.peer_addresses: {peer!r} is not a peer id") from None
         self._wake = trio.Event()
+        self._timer_at: int | None = None  # the deadline the timer task sleeps until
         self._authoring = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._net_scope: trio.CancelScope | None = None
@@ -402,11 +405,16 @@ class Node:
             log.warning("mDNS discovery stopped", **fields(error=repr(exc)))
 
     async def _timer(self) -> None:
+        """Call the sync protocol's timer when its next deadline comes.
+
+        Inputs move that deadline; they wake this task only when they bring it
+        before the one it sleeps until (:meth:`_poke_timer`), and the deadline
+        is looked at again after every wake-up."""
         sync = self.sync
         assert sync is not None
         while True:
             self._wake = trio.Event()
-            deadline = sync.next_deadline()
+            deadline = self._timer_at = sync.next_deadline()
             if deadline is None:
                 await self._wake.wait()
                 continue
@@ -414,9 +422,21 @@ class Node:
             if delay > 0:
                 with trio.move_on_after(delay):
                     await self._wake.wait()
-            if self.now_ms() >= deadline:
-                sync.handle_timer(self.now_ms())
-                await self._after()
+                continue
+            self._timer_at = None  # running: no need to wake it
+            sync.handle_timer(self.now_ms())
+            await self._after()
+
+    def _poke_timer(self) -> None:
+        """Wake the timer task if the sync protocol's next deadline is now before
+        the one it sleeps until (waking it on every input costs a task switch)."""
+        sync = self.sync
+        if sync is None or self._wake.is_set():
+            return
+        deadline = sync.next_deadline()
+        sleeping_until = self._timer_at
+        if deadline is not None and (sleeping_until is None or deadline < sleeping_until):
+            self._wake.set()
 
     # -- connections --------------------------------------------------------
 
@@ -505,12 +525,19 @@ class Node:
             log.info("disconnected", **fields(peer=peer_id_of(channel.peer)))
 
     async def _writer(self, link: _Link, scope: trio.CancelScope) -> None:
+        """Write what is queued for the peer. The messages waiting behind the
+        first go in the same channel write: each write costs a record, a Yamux
+        frame, a Noise message and a system call, and several tasks steps,
+        whatever its size."""
         try:
             async for item in link.receive:
                 if item is _HANGUP:
                     break
                 assert isinstance(item, bytes)
-                await link.channel.send(item)
+                data, hang_up = _queued_behind(link.receive, item)
+                await link.channel.send(data)
+                if hang_up:
+                    break
                 link.queued -= len(item)
         except ChannelClosed:
             pass
@@ -523,12 +550,12 @@ class Node:
         """Carry out what the sync protocol asked for, store what it applied."""
         self._act()
         await self._persist()
-        self._wake.set()
+        self._poke_timer()
         self._progress.unpark_all()
 
     def _after_nowait(self) -> None:
         self._act()
-        self._wake.set()
+        self._poke_timer()
         self._progress.unpark_all()
         if self.sync is not None and self.sync.applied and self._nursery is not None:
             self._nursery.start_soon(self._persist)
@@ -616,6 +643,24 @@ class Node:
                 listener(op)
             except Exception:  # a listener's bug must not stop the node
                 log.exception("op listener failed")
+
+
+def _queued_behind(receive: trio.MemoryReceiveChannel[object], first: bytes) -> tuple[bytes, bool]:
+    """``first`` and the messages queued behind it, up to WRITE_BATCH_BYTES, as
+    one write; and whether a hang-up was queued right after them."""
+    parts = [first]
+    size = len(first)
+    while size < WRITE_BATCH_BYTES:
+        try:
+            item = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if item is _HANGUP:
+            return b"".join(parts), True
+        assert isinstance(item, bytes)
+        parts.append(item)
+        size += len(item)
+    return (first if len(parts) == 1 else b"".join(parts)), False
 
 
 def _key_of(addr: str) -> bytes | None:
