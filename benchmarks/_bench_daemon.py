@@ -17,8 +17,6 @@ to measure them before anyone edits those modules (see docs/benchmarks.md):
 
 - ``node-before``: daemon/node.py's writer and timer as they were before the
   profiling (one channel write per message, the timer woken on every input);
-- ``events-graph``: events.poll takes the ops from the replica instead of
-  decoding (and verifying the signature of) each stored op again;
 - ``acker``: a channel's acker wakes only when an ACK is due, not on every record;
 - ``readahead``: libp2p's TCP stream reads up to 64 KiB per system call and
   serves the Noise layer's small reads (2-byte length, then body) from that;
@@ -61,12 +59,11 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, Yamux, YamuxStr
 from trio._core import _thread_cache
 
 from archipel.cli.main import main
-from archipel.crdt import decode_op, op_id
 from archipel.daemon import channel as ch
 from archipel.daemon import node as node_mod
 from archipel.daemon import rpc
 from archipel.daemon.channel import Channel
-from archipel.daemon.methods import Methods, op_json
+from archipel.daemon.methods import Methods
 from archipel.daemon.node import Node
 from archipel.daemon.storage import Store
 from archipel.protocol.plumtree import PushLimits
@@ -243,33 +240,6 @@ def _node_before() -> None:
     Node._poke_timer = _poke_timer  # type: ignore[method-assign]
 
 
-def _events_graph() -> None:
-    """events.poll without decoding and verifying each stored op again."""
-
-    async def events(self: Methods, cursor: int, limit: int, wait_s: float) -> dict[str, Any]:
-        store = self.node.store
-        assert store is not None
-        rows = await trio.to_thread.run_sync(store.ops_since, cursor, limit)
-        if not rows and wait_s > 0:
-            with trio.move_on_after(wait_s):
-                await self.node.wait_for_ops()
-                await store.flush()
-            rows = await trio.to_thread.run_sync(store.ops_since, cursor, limit)
-        graph = self.node.replica.graph if self.node.replica is not None else None
-        events = []
-        for row_cursor, data in rows:
-            ident = op_id(data)
-            op = graph.get(ident) if graph is not None else None
-            if op is None:  # not in the replica (cannot happen): the bytes say
-                op = decode_op(data)
-            received = self.node.arrivals.get(op.id)
-            events.append({"cursor": row_cursor, "received_ms": received, **op_json(op)})
-            cursor = row_cursor
-        return {"events": events, "cursor": cursor}
-
-    Methods.events = events  # type: ignore[method-assign]
-
-
 def _acker() -> None:
     """A channel's acker waits for an ACK to be due, not for any change."""
     original_init, original_stop = Channel.__init__, Channel._stop
@@ -381,8 +351,6 @@ def patch(names: str) -> None:
     for name in filter(None, (n.strip() for n in names.split(","))):
         if name == "node-before":
             _node_before()
-        elif name == "events-graph":
-            _events_graph()
         elif name == "acker":
             _acker()
         elif name == "yamux-batch":

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from archipel.crdt import CapacityError, InvalidOp, Op, Value, decode_op, ts_ms
+from archipel.crdt import CapacityError, InvalidOp, Op, Value, decode_op, op_id, ts_ms
 from archipel.crdt.aid import Aid
 from archipel.crdt.alerts import Alerts
 from archipel.crdt.authority import DEVICE, MEMBER
@@ -534,9 +534,14 @@ class Methods:
                 await self.node.wait_for_ops()
                 await store.flush()
             rows = await trio.to_thread.run_sync(store.ops_since, cursor, limit)
+        # The stored ops are the replica's: take each from its graph rather
+        # than decode and verify the bytes again (a poller reads every op).
+        graph = self.node.replica.graph if self.node.replica is not None else None
         events = []
         for row_cursor, data in rows:
-            op = decode_op(data)
+            op = graph.get(op_id(data)) if graph is not None else None
+            if op is None:  # stored but not (yet) in this replica: the bytes say
+                op = decode_op(data)
             received = self.node.arrivals.get(op.id)
             events.append({"cursor": row_cursor, "received_ms": received, **op_json(op)})
             cursor = row_cursor
