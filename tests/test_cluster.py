@@ -17,6 +17,7 @@ import trio
 
 from archipel.cli.cluster import checks
 from archipel.cli.cluster import report as report_mod
+from archipel.cli.cluster.daemons import ClusterError, Daemon, free_port
 from archipel.cli.cluster.harness import run_cluster
 from archipel.cli.cluster.scenario import (
     ClusterScenarioError,
@@ -26,6 +27,9 @@ from archipel.cli.cluster.scenario import (
     with_nodes,
 )
 from archipel.cli.cluster.workload import Ack, circles_of
+from archipel.client import NodeUnreachable, RpcError
+from archipel.daemon.identity import Identity
+from archipel.daemon.paths import Home
 from archipel.simulations import plots
 
 RUN_CAP_S = 240
@@ -256,3 +260,21 @@ def test_unknown_scenario_from_the_command_line_is_a_clear_error(tmp_path: Path)
     )
     assert result.exit_code == 1
     assert "library scenarios" in result.output
+
+
+def test_a_failed_call_ends_the_run_naming_the_daemon_and_its_log(tmp_path: Path) -> None:
+    home = Home(tmp_path / "nodes" / "node3")
+    daemon = Daemon(3, home, Identity.generate("cell 3"), free_port())
+    with pytest.raises(ClusterError) as caught, daemon.blame("events.poll"):
+        raise RpcError(-32603, "internal error (see the node's log)", "internal")
+    message = str(caught.value)
+    assert message.startswith("node3: events.poll failed: ")
+    assert "internal error" in message
+    assert str(daemon.log_path) in message
+    with (
+        pytest.raises(ClusterError, match="node3: node.status failed"),
+        daemon.blame("node.status"),
+    ):
+        raise NodeUnreachable("no such socket")
+    with pytest.raises(ValueError, match="not ours"), daemon.blame("node.status"):
+        raise ValueError("not ours")  # only RPC failures are turned into ClusterError

@@ -14,13 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import trio
 
-from archipel.client import AsyncClient
+from archipel.client import AsyncClient, NodeUnreachable, RpcError
 from archipel.crdt import ArchipelError
 from archipel.daemon.identity import Identity
 from archipel.daemon.paths import Home
@@ -107,6 +108,16 @@ class Daemon:
         self.starts += 1
         self.client = AsyncClient(self.home.root, timeout_s=CALL_TIMEOUT_S)
         nursery.start_soon(_drain, process.stderr, log)
+
+    @contextlib.contextmanager
+    def blame(self, what: str) -> Iterator[None]:
+        """Turn a failed RPC call into a :class:`ClusterError` naming this daemon
+        and its log, for the calls whose failure ends the run."""
+        try:
+            yield
+        except (RpcError, NodeUnreachable) as exc:
+            where = f"its log: {self.log_path}"
+            raise ClusterError(f"{self.name}: {what} failed: {exc} ({where})") from exc
 
     def kill(self) -> None:
         """SIGKILL: no chance to save anything; what was acknowledged must survive."""

@@ -136,7 +136,7 @@ async def _setup(run: Run, nursery: trio.Nursery) -> None:
                     _link(a.index, b.index), ("127.0.0.1", b.port)
                 )
     for d in run.daemons:
-        d.home.config.write_text(_config(d, run.daemons, links), encoding="utf-8")
+        d.home.config.write_text(daemon_config(d, run.daemons, links), encoding="utf-8")
     run.knowledge = Knowledge(
         members=[ident.member_public.hex() for ident in identities], circles=circles_of(n)
     )
@@ -146,7 +146,7 @@ async def _setup(run: Run, nursery: trio.Nursery) -> None:
             starting.start_soon(d.start, nursery)
 
 
-def _config(me: Daemon, daemons: list[Daemon], links: dict[tuple[int, int], int]) -> str:
+def daemon_config(me: Daemon, daemons: list[Daemon], links: dict[tuple[int, int], int]) -> str:
     peers = [d for d in daemons if d is not me]
     first = peers[0] if me.index != 0 else peers[-1]
     boot = [first, daemons[0]] if me.index != 0 else [first]
@@ -202,9 +202,11 @@ async def _drive(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
         await _undo_faults(run, nursery)
         settled = await _settle(run)
         sampler.cancel()
-    statuses = {d.name: await d.rpc.call("node.status") for d in run.daemons}
+    statuses = {}
     for d in run.daemons:
-        await run.views.setdefault(d.name, NodeOps()).refresh(d.rpc)
+        with d.blame("reading its status and ops"):
+            statuses[d.name] = await d.rpc.call("node.status")
+            await run.views.setdefault(d.name, NodeOps()).refresh(d.rpc)
     results = await _check(run, statuses)
     return _report(run, statuses, results, workload_end, settled)
 
@@ -331,7 +333,8 @@ async def _settle(run: Run) -> float | None:
     while True:
         hashes = set()
         for d in run.daemons:
-            hashes.add((await d.rpc.call("node.status"))["state_hash"])
+            with d.blame("node.status"):
+                hashes.add((await d.rpc.call("node.status"))["state_hash"])
         if len(hashes) == 1:
             return round(time.monotonic() - started, 3)
         left = deadline - time.monotonic()
@@ -345,7 +348,9 @@ async def _settle(run: Run) -> float | None:
 
 
 async def _changed(d: Daemon, view: NodeOps, done: trio.CancelScope) -> None:
-    if await view.refresh(d.rpc, wait_s=1.0):
+    with d.blame("events.poll"):
+        changed = await view.refresh(d.rpc, wait_s=1.0)
+    if changed:
         done.cancel()
 
 
