@@ -193,6 +193,23 @@ def test_a_lost_acknowledged_op_and_a_split_state_are_caught() -> None:
     ).ok
 
 
+def test_a_kind_of_work_that_is_always_refused_is_caught() -> None:
+    acks = [Ack("x", "note.add", 0, 0.0, 0.1), Ack("y", "mandate.act", 1, 0.0, 0.1)]
+    refused = {
+        "proposal.open: op_refused": 40,  # never acknowledged: the run fails
+        "mandate.act: op_refused": 3,  # some refused, some acknowledged: fine
+        "note.add: unreachable": 2,
+    }
+    examples = {"proposal.open: op_refused": "field 'members' must be sorted without repeats"}
+    check = checks.work_was_done(acks, refused, examples)
+    assert not check.ok
+    assert check.problems == [
+        "proposal.open: called 40 times, never acknowledged"
+        " (field 'members' must be sorted without repeats)"
+    ]
+    assert checks.work_was_done(acks, {"mandate.act: op_refused": 3}, {}).ok
+
+
 def test_fault_windows_pair_each_fault_with_its_undo() -> None:
     faults = [
         {"at_s": 1.0, "kind": "partition", "groups": [[0], [1]]},

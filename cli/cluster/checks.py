@@ -112,6 +112,29 @@ def acknowledged_present(acks: Iterable[Ack], nodes: Mapping[str, NodeOps]) -> C
     return Check("every acknowledged op on every node", not problems, checked, problems)
 
 
+def work_was_done(
+    acks: Iterable[Ack], refused: Mapping[str, int], examples: Mapping[str, str]
+) -> Check:
+    """Every RPC method the workload called was acknowledged at least once: a
+    kind of work that is always refused (a workload bug, or a node refusing
+    what it should take) would leave the other checks nothing to judge."""
+    acked = {ack.kind for ack in acks}
+    calls: dict[str, int] = {}
+    for why, count in refused.items():
+        method = why.split(":", 1)[0]
+        calls[method] = calls.get(method, 0) + count
+    problems = [
+        f"{method}: called {count} times, never acknowledged"
+        + "".join(f" ({examples[why]})" for why in sorted(examples) if why.startswith(method + ":"))
+        for method, count in sorted(calls.items())
+        if method not in acked
+    ]
+    return Check(
+        "every kind of work acknowledged at least once", not problems, len(acked | set(calls)),
+        problems,
+    )  # fmt: skip
+
+
 async def no_act_after_recall(nodes: Mapping[str, tuple[AsyncClient, NodeOps]]) -> Check:
     problems, checked = [], 0
     for name, (client, held) in nodes.items():

@@ -369,6 +369,7 @@ async def _check(run: Run, statuses: dict[str, Any]) -> list[Check]:
     results = [
         checks.same_state(statuses),
         checks.acknowledged_present(k.acks, run.views),
+        checks.work_was_done(k.acks, k.refused, k.examples),
         await checks.no_act_after_recall(pairs),
         await checks.no_offer_over_allocated(pairs),
         await checks.no_vote_outside_cut(pairs),

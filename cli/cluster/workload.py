@@ -214,7 +214,7 @@ class Driver:
             "options": ["yes", "no"],
             "ballot": "single",
             "circles": [
-                {"name": name, "members": [k.members[i] for i in group]}
+                {"name": name, "members": sorted(k.members[i] for i in group)}
                 for name, group in k.circles
             ],
             "window_ms": WINDOW_MS,
