@@ -34,8 +34,11 @@ import trio
 from _machine import describe
 
 from archipel.cli.cluster import report as report_mod
-from archipel.cli.cluster.harness import run_cluster
+from archipel.cli.cluster.daemons import Daemon, free_port
+from archipel.cli.cluster.harness import daemon_config, run_cluster
 from archipel.cli.cluster.scenario import ClusterScenario, Workload, load, with_nodes
+from archipel.daemon import identity as identity_mod
+from archipel.daemon.paths import Home
 
 RATES = (5.0, 10.0, 20.0, 40.0)
 RATE_NODES = 5
@@ -96,8 +99,7 @@ def rate(root: Path) -> None:
 def soak(root: Path) -> None:
     print("\n## Soak (10 minutes, 5 daemons, 3 ops/s each, a fault a minute)")
     report = one(load("soak"), root / "soak")
-    print("| daemon | starts | RSS first → last minute (MiB, median) | fds first → last |")
-    print("|---|---:|---:|---:|")
+    soaked: dict[str, tuple[float, float, float, float]] = {}
     for name, res in report["resources"].items():
         samples = res["samples"]
         if not samples:
@@ -107,10 +109,61 @@ def soak(root: Path) -> None:
         last = [s for s in samples if s[0] >= end - 60]
         rss0, rss1 = (statistics.median(s[1] for s in part) / 1024 for part in (first, last))
         fd0, fd1 = (statistics.median(s[2] for s in part) for part in (first, last))
-        print(f"| {name} | {res['starts']} | {rss0:.0f} → {rss1:.0f} | {fd0:g} → {fd1:g} |")
-    verdict = "all passed" if report["ok"] else "FAILED"
+        soaked[name] = (rss0, rss1, fd0, fd1)
     acked, settled = report["ops"]["acknowledged"], report["settle_s"]
-    print(f"\nacknowledged {acked} ops; checks {verdict}; settled in {settled} s")
+    verdict = "all passed" if report["ok"] else "FAILED"
+    print(f"acknowledged {acked} ops; checks {verdict}; settled in {settled} s")
+    print(f"Baseline: the same {len(soaked)} homes (the same stored ops) restarted fresh and"
+          f" connected to each other, no workload, RSS median over {FRESH_SAMPLE_S:g} s"
+          " once they have met")  # fmt: skip
+    fresh = trio.run(_fresh_rss, root / "soak" / "nodes", len(soaked))
+    print("| daemon | starts | RSS first → last minute (MiB) | fresh, same ops (MiB) |"
+          " soaked - fresh (MiB) | fds first → last | fresh fds |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (rss0, rss1, fd0, fd1) in soaked.items():
+        starts = report["resources"][name]["starts"]
+        f_rss, f_fds = fresh[name]
+        print(f"| {name} | {starts} | {rss0:.0f} → {rss1:.0f} | {f_rss:.0f} |"
+              f" {rss1 - f_rss:+.0f} | {fd0:g} → {fd1:g} | {f_fds:g} |")  # fmt: skip
+
+
+FRESH_SAMPLE_S = 10.0
+FRESH_MEET_S = 10.0
+
+
+async def _fresh_rss(nodes: Path, n: int) -> dict[str, tuple[float, float]]:
+    """Start a fresh daemon on each soaked home, all connected directly (no
+    proxy), let them meet, and return each one's median RSS (MiB) and fds."""
+    daemons = []
+    for i in range(n):
+        home = Home(nodes / f"node{i}")
+        daemons.append(Daemon(i, home, identity_mod.load(home.identity), free_port()))
+    direct = {(a.index, b.index): b.port for a in daemons for b in daemons if a is not b}
+    for d in daemons:
+        d.home.config.write_text(daemon_config(d, daemons, direct), encoding="utf-8")
+    async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as starting:
+                for d in daemons:
+                    starting.start_soon(d.start, nursery)
+            await trio.sleep(FRESH_MEET_S)
+            started = trio.current_time()
+            while trio.current_time() - started < FRESH_SAMPLE_S:
+                for d in daemons:
+                    d.sample(trio.current_time() - started)
+                await trio.sleep(1.0)
+        finally:
+            with trio.CancelScope(shield=True):
+                for d in daemons:
+                    await d.stop()
+            nursery.cancel_scope.cancel()
+    return {
+        d.name: (
+            statistics.median(s[1] for s in d.samples) / 1024,
+            statistics.median(s[2] for s in d.samples),
+        )
+        for d in daemons
+    }
 
 
 def main() -> None:
