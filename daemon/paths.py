@@ -112,8 +112,12 @@ class NodeLock:
                 f"another Archipel node (pid {holder}) is running with the directory"
                 f" {self._home.root}; stop it first, or choose another with --home"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # The pid is only for the message above; the flock is the lock. On a
+        # full disk the write fails, and the node must still start (it keeps
+        # serving reads and sync): without a pid, a second node says "unknown".
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -156,6 +157,26 @@ def test_one_node_per_directory(tmp_path: Path) -> None:
         NodeLock(home).acquire()
     with NodeLock(home):  # released: can be taken again
         pass
+
+
+def test_the_lock_holds_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A node must start on a full disk (it keeps serving reads and sync):
+    # writing its pid into the lock file fails there, the lock itself does not.
+    home = Home(tmp_path)
+    home.create()
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", full)
+        lock = NodeLock(home)
+        lock.acquire()
+    try:
+        with pytest.raises(AlreadyRunning, match="pid unknown"):
+            NodeLock(home).acquire()
+    finally:
+        lock.release()
 
 
 def test_home_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
