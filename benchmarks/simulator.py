@@ -4,11 +4,20 @@ the simulator's speed (wall time, events per second), optionally profiled.
 Each scenario runs in this process with its own seed, so the figures are
 exact for a given version of the code (run with PYTHONHASHSEED=0 to match
 the docs); the time is this process's CPU time (steadier than wall time when
-the machine is shared) and depends on the machine. ``large-1000`` runs shortened (200 nodes, 10 s of
-workload, 10 s of warm-up) unless ``--full``. ``--profile`` prints the top
-costs (cProfile, by own time) of each scenario run.
+the machine is shared) and depends on the machine. ``large-1000`` runs
+shortened (200 nodes, 10 s of workload, 10 s of warm-up) unless ``--full``.
+``--profile`` prints the top costs (cProfile, by own time) of each scenario
+run.
+
+``--heal-1000 SEED ...`` measures instead the convergence after a heal at
+N = 1000 as docs/simulations.md reports it: ``large-1000`` at full size
+(1000 nodes, 334 cells: 256 founded, 78 admitted), but 20 s of workload at
+10 operations per second over the federation (``workload.rate`` 0.01), the
+halves split from 5 s to 15 s, sampled every 100 ms: 3 to 4 CPU minutes per
+seed here. ``--set KEY=VALUE`` changes one more field (``workload.rate=0.05``).
 
     PYTHONHASHSEED=0 .venv/bin/python benchmarks/simulator.py [NAME ...] [--profile] [--full]
+    PYTHONHASHSEED=0 .venv/bin/python benchmarks/simulator.py --heal-1000 1 2 3
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import cProfile
 import pstats
 import sys
+import tomllib
 from typing import Any
 
 from _machine import describe
@@ -24,6 +34,16 @@ from _machine import describe
 from archipel.simulations import run, scenario
 
 SHORT_LARGE = {"nodes": 200, "duration_ms": 10_000, "workload.warmup_ms": 10_000}
+
+HEAL_1000: dict[str, Any] = {
+    "duration_ms": 20_000,
+    "settle_ms": 60_000,
+    "sample_ms": 100,
+    "workload.rate": 0.01,
+    "faults.0.at": 0.25,
+    "faults.0.until": 0.75,
+}
+"""large-1000 at full size around one partition and its heal, at a low op rate."""
 
 HEADER = (
     "| scenario | writes / reads | msgs/op | payload / control per write | bytes/write"
@@ -62,10 +82,26 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="library scenarios (default: all)")
     parser.add_argument("--profile", action="store_true", help="print each run's top costs")
     parser.add_argument("--full", action="store_true", help="large-1000 in full (very slow)")
+    parser.add_argument(
+        "--heal-1000", type=int, nargs="+", metavar="SEED", help="the N = 1000 heal, per seed"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="with --heal-1000"
+    )
     args = parser.parse_args()
     print(f"# {describe()}")
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
+    if args.heal_1000:
+        overrides = dict(HEAL_1000)
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        spec = scenario.load("large-1000", overrides)
+        for seed in args.heal_1000:
+            result = run.run(spec, seed=seed)
+            print(row(f"large-1000 heal ({spec.nodes} nodes), seed {seed}", result), flush=True)
+        return
     for name in args.names or scenario.library():
         short = name == "large-1000" and not args.full
         spec = scenario.load(name, SHORT_LARGE if short else None)

@@ -358,22 +358,33 @@ class SyncNode:
             self._flush(peer)
 
     def next_deadline(self) -> int | None:
-        deadlines = [
+        """When :meth:`handle_timer` must be called next (ms).
+
+        The driver asks after every call into the node, so this is a plain
+        loop that builds nothing (it walks every connection)."""
+        best = self._rediscover_at  # always set
+        for due in (
             self.replica.next_deadline_ms(),
             self.push.next_deadline(),
             self.peers.next_deadline(),
-            self._rediscover_at,
             self._probe_at,
-        ]
+        ):
+            if due is not None and due < best:
+                best = due
         for link in self._links.values():
-            deadlines += [
-                link.session.next_deadline(),
-                link.reconcile_at,
-                link.deps_at,
-                link.wave_at,
-            ]
-        present = [d for d in deadlines if d is not None]
-        return min(present) if present else None
+            due = link.session.next_deadline()
+            if due is not None and due < best:
+                best = due
+            due = link.reconcile_at
+            if due is not None and due < best:
+                best = due
+            due = link.deps_at
+            if due is not None and due < best:
+                best = due
+            due = link.wave_at
+            if due is not None and due < best:
+                best = due
+        return best
 
     def actions(self) -> list[Action]:
         """What the driver must do now (in order)."""

@@ -401,8 +401,12 @@ class PeerSelection:
     # -- timers ---------------------------------------------------------------
 
     def next_deadline(self) -> int | None:
-        deadlines = [link.deadline for link in self._links.values() if link.deadline is not None]
-        return min([self._tick_at, *deadlines])
+        best = self._tick_at
+        for link in self._links.values():
+            due = link.deadline
+            if due is not None and due < best:
+                best = due
+        return best
 
     def handle_timer(self, now_ms: int) -> list[PeerAction]:
         """Give up on overdue dials and requests; shuffle and refill when due."""

@@ -322,9 +322,11 @@ class SyncSession:
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer. Call until it returns ``b""``: each call
         may build answers to the peer's Wants while the outbox is short."""
-        if self.state is State.ESTABLISHED:
+        if self._serving and self.state is State.ESTABLISHED:
             while self._serving and len(self._outbox) < self.limits.serve_watermark_bytes:
                 self._serve(self._serving.popleft())
+        if not self._outbox:
+            return b""  # the usual last call of a drain loop: nothing to copy
         out = bytes(self._outbox)
         self._outbox.clear()
         self.stats.bytes_out += len(out)

@@ -23,6 +23,8 @@ from archipel.crdt import ArchipelError
 from archipel.protocol.node import SyncConfig
 from archipel.protocol.plumtree import PushLimits
 
+from .workload import GENESIS_CELLS_MAX
+
 LIBRARY = Path(__file__).resolve().parent / "scenarios"
 """The scenario library shipped with the simulator."""
 
@@ -93,6 +95,7 @@ class Workload:
     reads: float = 0.0  # share of operations that are reads
     mix: Mapping[str, int] = field(default_factory=lambda: {"note": 1})
     warmup_ms: int = 3_000  # joining and settling before the first op
+    genesis_cells: int = GENESIS_CELLS_MAX  # cells founded in the genesis; the others admitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +342,11 @@ def _validate(scenario: Scenario) -> None:
     if not 0 <= workload.reads <= 1 or workload.rate < 0 or workload.warmup_ms < 0:
         raise ScenarioError(
             "workload.reads is a share in [0, 1]; the rate and warmup_ms are not negative"
+        )
+    if not 2 <= workload.genesis_cells <= GENESIS_CELLS_MAX:
+        raise ScenarioError(
+            f"workload.genesis_cells is 2 to {GENESIS_CELLS_MAX} (an admission needs two"
+            " founding cells to back it)"
         )
     unknown = sorted(set(workload.mix) - set(MIX_ACTIONS))
     if unknown:

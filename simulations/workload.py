@@ -39,6 +39,14 @@ under mandates dominate, as in a federation's ordinary week."""
 
 PROPOSAL_WINDOW_MS = 60_000
 
+GENESIS_CELLS_MAX = 256
+"""The most cells a genesis may found (``crdt/genesis.py``, ``parse_genesis``);
+a larger federation admits the others (``cell.admit``, ``cell.endorse``)."""
+
+PROPOSAL_CIRCLES_MAX = 64
+"""The most circles a proposal may name (``crdt/decisions.py``): in a larger
+federation each proposal seats a random 64 of them."""
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -72,9 +80,15 @@ class Workload:
         now_ms: int = 1_750_000_000_000,
         mix: Mapping[str, int] = DEFAULT_MIX,
         sync_every: int = 20,
+        genesis_cells: int = GENESIS_CELLS_MAX,
     ) -> None:
         if members_per_cell < 3 and cells * members_per_cell < 3:
             raise ValueError("a workload needs at least 3 members (circles of 3)")
+        if not 2 <= genesis_cells <= GENESIS_CELLS_MAX:
+            raise ValueError(
+                f"genesis_cells must be 2 to {GENESIS_CELLS_MAX} (an admission needs two"
+                " founding cells to back it)"
+            )
         self.rng = rng
         self.now_ms = now_ms
         self.sync_every = sync_every
@@ -83,23 +97,32 @@ class Workload:
             Member(_key(seed, i), i // members_per_cell) for i in range(cells * members_per_cell)
         ]
         cell_bodies: list[Mapping[str, Value]] = [
-            {"name": f"cell-{c}", "members": tuple(m.public for m in self.members if m.cell == c)}
+            {
+                "name": f"cell-{c}",
+                "members": tuple(sorted(m.public for m in self.members if m.cell == c)),
+            }
             for c in range(cells)
         ]
         params = Params(admission_endorsements=2)
         first, self.genesis = found_federation(
-            self.members[0].key, "Workload", cell_bodies, now_ms, params=params
+            self.members[0].key, "Workload", cell_bodies[:genesis_cells], now_ms, params=params
         )
+        admitted = self._admit(first, cell_bodies, genesis_cells, members_per_cell)
+        self.founding: list[Op] = [self.genesis, *admitted]
+        """The genesis and the admissions of the cells it could not hold: what
+        every site (every simulated node) holds before the workload starts."""
         self.sites = [first] + [Replica(self.genesis.federation) for _ in range(sites - 1)]
         for site in self.sites[1:]:
-            site.receive(self.genesis, now_ms)
+            for op in self.founding:
+                site.receive(op, now_ms)
         groups = [tuple(sorted(m.public for m in g)) for g in _chunks(self.members, 3)]
         self._circle_of = {key: f"circle-{i}" for i, g in enumerate(groups) for key in g}
         self.circles: tuple[Value, ...] = tuple(
             {"name": f"circle-{i}", "members": group} for i, group in enumerate(groups)
         )
-        self.ops: list[Op] = [self.genesis]
+        self.ops: list[Op] = list(self.founding)
         self._open = _Open()
+        self._seated: dict[bytes, frozenset[str]] = {}  # proposal -> its circles, if not all
         self._actions: dict[str, Callable[[Replica, int], Op]] = {
             "vote": self._vote,
             "claim": self._claim,
@@ -146,7 +169,7 @@ class Workload:
         return op
 
     def run(self, count: int, step_ms: int = 10) -> list[Op]:
-        """Author ``count`` ops (genesis excluded), ``step_ms`` apart on average;
+        """Author ``count`` ops (:attr:`founding` excluded), ``step_ms`` apart on average;
         return every op authored so far, in authoring order."""
         target = len(self.ops) + count
         while len(self.ops) < target:
@@ -166,6 +189,24 @@ class Workload:
             self.ops.append(op)
         return self.ops
 
+    def _admit(
+        self, site: Replica, bodies: Sequence[Mapping[str, Value]], founding: int, size: int
+    ) -> list[Op]:
+        """Admit the cells ``bodies[founding:]`` on ``site``: for each, a
+        ``cell.admit`` by a member of one founding cell and a ``cell.endorse``
+        by a member of the next (the federation's k = 2 backing cells), in
+        turn over the founding cells. Deterministic (signatures are), and
+        authored at the genesis's time: the federation grew before the run."""
+        ops: list[Op] = []
+        for index in range(founding, len(bodies)):
+            turn = index - founding
+            proposer = self.members[(turn % founding) * size].key
+            endorser = self.members[((turn + 1) % founding) * size].key
+            admit = site.author(proposer, "cell.admit", bodies[index], self.now_ms)
+            ops.append(admit)
+            ops.append(site.author(endorser, "cell.endorse", {"admission": admit.id}, self.now_ms))
+        return ops
+
     def sync(self) -> None:
         """Bring two random sites to the same ops (a partial heal)."""
         a, b = self.rng.sample(self.sites, 2) if len(self.sites) > 1 else (self.sites[0],) * 2
@@ -180,28 +221,46 @@ class Workload:
 
     def _proposal(self, site: Replica, who: int) -> Op:
         options = self.rng.randint(2, 4)
+        circles = self.circles
+        seated: frozenset[str] | None = None
+        if len(circles) > PROPOSAL_CIRCLES_MAX:
+            # Only in a federation larger than a proposal may seat (so smaller
+            # runs draw exactly what they drew before this existed).
+            picked = sorted(self.rng.sample(range(len(circles)), PROPOSAL_CIRCLES_MAX))
+            circles = tuple(circles[i] for i in picked)
+            seated = frozenset(f"circle-{i}" for i in picked)
         body: dict[str, Value] = {
             "title": f"proposal {len(self.ops)}",
             "text": "Shall we? " * self.rng.randint(1, 20),
             "options": tuple(f"option {i}" for i in range(options)),
             "ballot": self.rng.choice(("single", "approval")),
-            "circles": self.circles,
+            "circles": circles,
             "window_ms": PROPOSAL_WINDOW_MS,
             "quorum": self.rng.choice((0, 25, 50)),
         }
         op = self._author(site, who, "proposal.open", body)
         self._open.proposals.append((op.id, self.now_ms + PROPOSAL_WINDOW_MS, options))
+        if seated is not None:
+            self._seated[op.id] = seated
         return op
 
     def _vote(self, site: Replica, who: int) -> Op:
-        live = [p for p in self._open.proposals if p[1] > self.now_ms and p[0] in site.graph]
+        circle = self._circle_of[self.members[who].public]
+        seated = self._seated
+        live = [
+            p
+            for p in self._open.proposals
+            if p[1] > self.now_ms
+            and p[0] in site.graph
+            and (p[0] not in seated or circle in seated[p[0]])
+        ]
         proposal, _, options = self.rng.choice(live)
         body: dict[str, Value] = {
             "proposal": proposal,
             "version": proposal,
             "choices": (self.rng.randrange(options),),
             "reasoning": "because " * self.rng.randint(0, 10),
-            "circle": self._circle_of[self.members[who].public],
+            "circle": circle,
         }
         return self._author(site, who, "vote.cast", body)
 
